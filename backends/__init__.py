@@ -1,0 +1,11 @@
+"""qgraph's backends, one folder each; see README.md in this folder for the contract.
+
+``BACKENDS`` is the one explicit table from backend names to their modules' entry points.
+"""
+
+from qgraph.backends import tensorrt
+
+__all__ = ["BACKENDS", "tensorrt"]
+
+#: Backend name → module exposing ``RULES`` (precision → BackendRules), ``lower`` and ``inspect``.
+BACKENDS = {"tensorrt": tensorrt}

@@ -1,0 +1,177 @@
+"""Check any QDQ ONNX model against TensorRT's explicit-quantization rules.
+
+Works on models whoever made them. Reports, per weighted op (Conv, ConvTranspose, Gemm, MatMul),
+whether all its inputs are dequantized, and lists rule violations:
+
+* an op TensorRT's parser does not support (QLinear*, ConvInteger, MatMulInteger,
+  DynamicQuantizeLinear, com.microsoft Q ops);
+* a non-zero or non-constant zero-point, a non-positive / non-finite / non-constant scale,
+  a uint8 code type;
+* a weighted op with only some inputs quantized;
+* a per-channel activation, or a weight quantized on the wrong axis.
+
+Warnings (legal but probably not intended): per-tensor weights; a Q/DQ pair whose output feeds
+only float ops (Q/DQ on the output of a weighted op); a weighted op left in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+__all__ = ["InspectReport", "inspect_model"]
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_QUANTIZED_INPUT_OPS = _WEIGHTED + ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Concat")
+_FORBIDDEN = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm")
+_INT_TYPES = (ir.DataType.INT8, ir.DataType.UINT8)
+
+
+@dataclasses.dataclass
+class InspectReport:
+    """What ``qgraph inspect`` found.
+
+    Attributes:
+        weighted: per weighted op, ``(name, op_type, quantized)``.
+        op_counts: op_type → count over the whole graph.
+        violations: broken TensorRT rules (an empty list means the model is TensorRT-ready).
+        warnings: legal but probably unintended placements.
+    """
+
+    weighted: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
+    op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    violations: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def quantized_weighted(self) -> int:
+        return sum(1 for _, _, q in self.weighted if q)
+
+    def summary(self) -> str:
+        q = self.quantized_weighted
+        lines = [
+            f"weighted ops: {len(self.weighted)} ({q} quantized, {len(self.weighted) - q} float)",
+            f"QuantizeLinear: {self.op_counts.get('QuantizeLinear', 0)}, "
+            f"DequantizeLinear: {self.op_counts.get('DequantizeLinear', 0)}",
+        ]
+        lines += [f"float: {name} ({op})" for name, op, quant in self.weighted if not quant]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"VIOLATION: {v}" for v in self.violations]
+        lines.append(
+            "TensorRT rules: OK" if not self.violations else f"TensorRT rules: {len(self.violations)} violation(s)"
+        )
+        return "\n".join(lines)
+
+
+def _producer(value: ir.Value | None) -> ir.Node | None:
+    return value.producer() if value is not None else None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def _is_constant_input(value: ir.Value | None) -> bool:
+    """A weight: an initializer, or a DequantizeLinear of an initializer / Q of an initializer."""
+    node = _producer(value)
+    if node is None or node.op_type != "DequantizeLinear":
+        return _const(value) is not None
+    source = node.inputs[0]
+    q = _producer(source)
+    if q is not None and q.op_type == "QuantizeLinear":
+        source = q.inputs[0]
+    return _const(source) is not None
+
+
+def _weight_axis(node: ir.Node, rank: int) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() else 1
+    return rank - 1  # MatMul (K, N): output channels on the last axis
+
+
+def inspect_model(model: onnx.ModelProto) -> InspectReport:
+    """Inspect a QDQ ONNX model for TensorRT; see the module docstring for the checks."""
+    graph = ir.serde.deserialize_model(model).graph
+    report = InspectReport()
+    for node in graph:
+        report.op_counts[node.op_type] = report.op_counts.get(node.op_type, 0) + 1
+        if node.op_type.startswith("QLinear") or node.op_type in _FORBIDDEN:
+            report.violations.append(f"{node.name}: {node.op_type} is not supported by TensorRT's parser")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            _check_qdq(node, report)
+        if node.op_type in _WEIGHTED:
+            _check_weighted(node, report)
+    return report
+
+
+def _check_qdq(node: ir.Node, report: InspectReport) -> None:
+    scale = _const(node.inputs[1] if len(node.inputs) > 1 else None)
+    if scale is None:
+        report.violations.append(f"{node.name}: scale is not a constant")
+    elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        report.violations.append(f"{node.name}: scale has non-positive or non-finite values")
+    zp_value = node.inputs[2] if len(node.inputs) > 2 else None
+    if zp_value is not None:
+        zp = _const(zp_value)
+        if zp is None:
+            report.violations.append(f"{node.name}: zero-point is not a constant")
+        elif np.any(zp.astype(np.float64) != 0):
+            report.violations.append(f"{node.name}: zero-point is not 0 (TensorRT is symmetric)")
+    code_type = (node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]).dtype
+    if code_type is None and zp_value is None:
+        code_type = ir.DataType.UINT8  # the spec's default when no zero-point is given
+    if code_type == ir.DataType.UINT8:
+        report.violations.append(f"{node.name}: uint8 codes (TensorRT needs int8 or FP8)")
+    if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is None:
+        users = [u.node.op_type for u in node.outputs[0].uses()]
+        if users and not any(u in _QUANTIZED_INPUT_OPS for u in users):
+            report.warnings.append(
+                f"{node.name}: Q/DQ output feeds only float ops ({', '.join(sorted(set(users)))})"
+            )
+
+
+def _check_weighted(node: ir.Node, report: InspectReport) -> None:
+    inputs = node.inputs[:2]
+    dq = [_producer(v) is not None and _producer(v).op_type == "DequantizeLinear" for v in inputs]
+    quantized = all(dq) and len(dq) == 2
+    report.weighted.append((node.name, node.op_type, quantized))
+    if any(dq) and not all(dq):
+        report.violations.append(f"{node.name}: {node.op_type} has only some inputs quantized")
+        return
+    if not quantized:
+        report.warnings.append(f"{node.name}: {node.op_type} left in float")
+        return
+    for value in inputs:
+        deq = _producer(value)
+        scale = _const(deq.inputs[1])
+        per_channel = scale is not None and scale.size > 1
+        if not _is_constant_input(value):
+            if per_channel:
+                report.violations.append(f"{node.name}: activation {value.name} is per-channel")
+            continue
+        if not per_channel:
+            report.warnings.append(f"{node.name}: weight {value.name} is per-tensor")
+            continue
+        rank = len(value.shape) if value.shape is not None else 2
+        axis_attr = deq.attributes.get("axis")
+        axis = (axis_attr.as_int() if axis_attr is not None else 1) % rank
+        if axis != _weight_axis(node, rank):
+            report.violations.append(
+                f"{node.name}: weight {value.name} quantized on axis {axis}, "
+                f"expected the output-channel axis {_weight_axis(node, rank)}"
+            )

@@ -1,0 +1,21 @@
+"""qgraph's passes, one per file; see README.md in this folder for the contract.
+
+``PASSES`` is the one explicit table from pipeline-spec names to pass classes.
+"""
+
+from qgraph.passes.annotate import Annotate
+from qgraph.passes.calibrate import Calibrate
+from qgraph.passes.fold_batchnorm import FoldBatchNorm
+from qgraph.passes.insert_observers import InsertObservers
+from qgraph.passes.insert_qdq import InsertQDQ
+
+__all__ = ["PASSES", "Annotate", "Calibrate", "FoldBatchNorm", "InsertObservers", "InsertQDQ"]
+
+#: Pipeline-spec name → pass class. Extend by adding a line here, not by registration at import.
+PASSES = {
+    "fold-batchnorm": FoldBatchNorm,
+    "annotate": Annotate,
+    "insert-observers": InsertObservers,
+    "calibrate": Calibrate,
+    "insert-qdq": InsertQDQ,
+}

@@ -1,0 +1,38 @@
+"""Small fx helpers shared by the passes (private)."""
+
+from __future__ import annotations
+
+import torch.fx
+
+from qgraph.graph import get_attr
+
+QUANT_META = "qgraph.quant"  # node.meta key: {input index: QSpec}
+FLOAT_META = "qgraph.float_reason"  # node.meta key: why the node stays in float
+
+
+def delete_unused_attrs(gm: torch.fx.GraphModule, targets: set[str]) -> None:
+    """Delete the given attributes if no get_attr/call_module node refers to them any more."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for target in sorted(targets - used):
+        *path, last = target.split(".")
+        owner = get_attr(gm, ".".join(path)) if path else gm
+        if hasattr(owner, last):
+            delattr(owner, last)
+
+
+def insert_module_after(
+    gm: torch.fx.GraphModule, src: torch.fx.Node, name: str, module: torch.nn.Module
+) -> torch.fx.Node:
+    """Add ``module`` as attribute ``name`` and a call_module node reading ``src`` right after it."""
+    gm.add_module(name, module)
+    if src.op in ("placeholder", "get_attr"):
+        # keep inputs and constants grouped at the top: insert just before src's first user
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first_user = min(src.users, key=order.__getitem__)
+        with gm.graph.inserting_before(first_user):
+            node = gm.graph.call_module(name, (src,))
+    else:
+        with gm.graph.inserting_after(src):
+            node = gm.graph.call_module(name, (src,))
+    node.meta["val"] = src.meta.get("val")
+    return node

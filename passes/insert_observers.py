@@ -1,0 +1,86 @@
+"""Insert an :class:`~qgraph.observers.Observer` on every annotated activation edge.
+
+One observer per (producer, spec): a tensor read by three quantized consumers (say the q, k and v
+projections) is observed once and all three read the observer's output. Weight edges get no
+observer: weights are constants and their ranges are read directly by ``insert-qdq``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from qgraph._errors import PreconditionError
+from qgraph._pass import Pass, PassResult
+from qgraph.calibrators import CALIBRATORS
+from qgraph.observers import Observer
+from qgraph.passes._util import QUANT_META, insert_module_after
+from qgraph.graph import unique_attr_name
+
+__all__ = ["InsertObservers"]
+
+
+class InsertObservers(Pass):
+    """Insert activation observers. Counts: ``observers``.
+
+    Args:
+        calibrator: ``max``, ``percentile``, ``mse`` or ``entropy``.
+        percentile: the percentile for ``calibrator=percentile``.
+        bins: histogram resolution of each observer.
+    """
+
+    name = "insert-observers"
+
+    def __init__(self, calibrator: str = "max", percentile: float = 99.99, bins: int = 2048) -> None:
+        if calibrator not in CALIBRATORS:
+            raise PreconditionError(
+                f"unknown calibrator {calibrator!r} (known: {', '.join(CALIBRATORS)})"
+            )
+        self.calibrator = calibrator
+        self.percentile = float(percentile)
+        self.bins = int(bins)
+
+    def options(self) -> dict[str, object]:
+        opts: dict[str, object] = {"calibrator": self.calibrator}
+        if self.percentile != 99.99:
+            opts["percentile"] = self.percentile
+        if self.bins != 2048:
+            opts["bins"] = self.bins
+        return opts
+
+    def requires(self, graph: torch.fx.GraphModule) -> None:
+        if not any(QUANT_META in n.meta for n in graph.graph.nodes):
+            raise PreconditionError("no quantization annotations: run `annotate` first")
+
+    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+        observers: dict[tuple[torch.fx.Node, object], torch.fx.Node] = {}
+        inserted = 0
+        for node in list(graph.graph.nodes):
+            for index, spec in (node.meta.get(QUANT_META) or {}).items():
+                src = node.args[index]
+                if spec.role == "weight" or _is_quantizer(graph, src):
+                    continue
+                key = (src, spec)
+                if key not in observers:
+                    name = unique_attr_name(graph, f"obs_{src.name}")
+                    module = Observer(
+                        spec,
+                        self.calibrator,
+                        percentile=self.percentile,
+                        bins=self.bins,
+                        label=f"input {index} of {node.name} (output of {src.name})",
+                    )
+                    observers[key] = insert_module_after(graph, src, name, module)
+                    inserted += 1
+                node.update_arg(index, observers[key])
+        if inserted:
+            graph.recompile()
+        return PassResult(graph, inserted > 0, {"observers": inserted})
+
+
+def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    from qgraph.quant import FakeQuant
+
+    return node.op == "call_module" and isinstance(
+        gm.get_submodule(node.target), (Observer, FakeQuant)
+    )

@@ -1,0 +1,197 @@
+"""Range calibrators over a streaming histogram of |x|: max, percentile, MSE and entropy.
+
+:class:`AbsHistogram` keeps counts of ``|x|`` in bins whose width is a power of two. When a
+batch exceeds the covered range, adjacent bins are merged in pairs and the width doubles, so the
+histogram stays exact (no re-binning error), its memory stays bounded (at most ``2 * bins``
+counters), and two histograms — from two batches or two processes — merge exactly and in any order.
+
+Calibrators turn the histogram into an ``amax`` (the clipping threshold of a symmetric range):
+
+* ``max``: the largest |x| seen.
+* ``percentile``: the smallest bin edge below which ``percentile`` % of the values lie (99.99 by
+  default).
+* ``mse``: the threshold minimising the expected squared quantization error of the histogram.
+* ``entropy``: TensorRT's classic method: the threshold minimising KL(P ‖ Q) between the clipped
+  reference distribution P and its 128-level quantized version Q (over 128..n bins).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from qgraph._errors import QGraphError
+
+__all__ = ["AbsHistogram", "CALIBRATORS", "compute_amax"]
+
+#: Calibrator names accepted by ``InsertObservers`` and ``--calibrator``.
+CALIBRATORS = ("max", "percentile", "mse", "entropy")
+
+_QUANT_LEVELS = 128  # |x| maps to codes 0..127 under symmetric int8
+_MAX_CANDIDATES = 512
+
+
+class AbsHistogram:
+    """Exact streaming histogram of |x| with power-of-two bin width.
+
+    Args:
+        bins: target resolution; the histogram holds between ``bins/2`` and ``2*bins`` bins
+            once it has seen data.
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.width: float | None = None
+        self.counts = torch.zeros(0, dtype=torch.int64)
+        self.zeros = 0  # zeros seen before any non-zero value fixed the width
+        self.amax = 0.0
+        self.total = 0
+
+    def _grow(self, needed: int) -> None:
+        counts = self.counts
+        while needed > 2 * self.bins:
+            if counts.numel() % 2:
+                counts = torch.cat([counts, counts.new_zeros(1)])
+            counts = counts.view(-1, 2).sum(1)
+            self.width *= 2
+            needed = math.ceil(needed / 2)
+        if counts.numel() < needed:
+            counts = torch.cat([counts, counts.new_zeros(needed - counts.numel())])
+        self.counts = counts
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the values of ``x`` (any shape). NaN/Inf raise QGraphError."""
+        a = x.detach().abs().reshape(-1).to(torch.float32)
+        if a.numel() == 0:
+            return
+        m = float(a.max())
+        if not math.isfinite(m):
+            raise QGraphError("non-finite value (NaN or Inf) reached an observer")
+        self.total += a.numel()
+        self.amax = max(self.amax, m)
+        if m == 0.0 and self.width is None:
+            self.zeros += a.numel()
+            return
+        if self.width is None:
+            self.width = 2.0 ** math.ceil(math.log2(m / self.bins))
+            self.counts = torch.zeros(max(1, math.ceil(m / self.width)), dtype=torch.int64)
+            if self.zeros:
+                self.counts[0] += self.zeros
+                self.zeros = 0
+        self._grow(max(1, math.ceil(m / self.width)))
+        idx = torch.clamp((a / self.width).floor_().to(torch.int64), max=self.counts.numel() - 1)
+        self.counts += torch.bincount(idx, minlength=self.counts.numel())
+
+    def merge(self, other: AbsHistogram) -> None:
+        """Add another histogram's counts (exact: widths are powers of two)."""
+        self.total += other.total
+        self.amax = max(self.amax, other.amax)
+        if other.width is None:
+            self._add_zeros(other.zeros)
+            return
+        if self.width is None:
+            zeros = self.zeros
+            self.width, self.counts, self.zeros = other.width, other.counts.clone(), 0
+            self._add_zeros(zeros)
+            return
+        theirs = other.counts
+        their_width = other.width
+        while their_width < self.width:
+            if theirs.numel() % 2:
+                theirs = torch.cat([theirs, theirs.new_zeros(1)])
+            theirs, their_width = theirs.view(-1, 2).sum(1), their_width * 2
+        while self.width < their_width:
+            self._grow(2 * self.bins + 1)  # forces one pairwise merge
+        self._grow(max(self.counts.numel(), theirs.numel()))
+        self.counts[: theirs.numel()] += theirs
+
+    def _add_zeros(self, n: int) -> None:
+        if self.width is None:
+            self.zeros += n
+        elif n:
+            self.counts[0] += n
+
+    def state(self) -> tuple[np.ndarray, float]:
+        """(counts as float64 with trailing empty bins trimmed, bin width)."""
+        counts = self.counts.numpy().astype(np.float64)
+        nonzero = np.flatnonzero(counts)
+        return counts[: nonzero[-1] + 1] if nonzero.size else counts, float(self.width or 0.0)
+
+
+def _percentile(counts: np.ndarray, width: float, percentile: float) -> float:
+    cdf = np.cumsum(counts)
+    idx = int(np.searchsorted(cdf, cdf[-1] * percentile / 100.0))
+    return (min(idx, counts.size - 1) + 1) * width
+
+
+def _candidates(n: int, start: int) -> np.ndarray:
+    start = min(start, n)
+    stride = max(1, math.ceil((n - start + 1) / _MAX_CANDIDATES))
+    return np.arange(start, n + 1, stride)
+
+
+def _mse(counts: np.ndarray, width: float) -> float:
+    n = counts.size
+    centers = (np.arange(n) + 0.5) * width
+    best, best_err = n, math.inf
+    for chunk in np.array_split(_candidates(n, max(1, n // 64)), 8):
+        if chunk.size == 0:
+            continue
+        amax = chunk[:, None] * width
+        scale = amax / 127.0
+        deq = np.clip(np.rint(centers[None, :] / scale), 0, 127) * scale
+        err = ((centers[None, :] - deq) ** 2 * counts[None, :]).sum(1)
+        k = int(np.argmin(err))
+        if err[k] < best_err:
+            best, best_err = int(chunk[k]), float(err[k])
+    return best * width
+
+
+def _entropy(counts: np.ndarray, width: float) -> float:
+    n = counts.size
+    if n <= _QUANT_LEVELS:
+        return n * width
+    best, best_kl = n, math.inf
+    for i in _candidates(n, _QUANT_LEVELS):
+        ref = counts[:i].copy()
+        ref[-1] += counts[i:].sum()  # values beyond the threshold clip to it
+        chunk = (np.arange(i) * _QUANT_LEVELS) // i
+        nonzero = counts[:i] > 0
+        chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=_QUANT_LEVELS)
+        chunk_nz = np.bincount(chunk, weights=nonzero, minlength=_QUANT_LEVELS)
+        q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1), 0.0)
+        p = ref / ref.sum()
+        q = q / q.sum()
+        mask = p > 0
+        # Where P has mass that Q lost (a bin with no values inside the threshold), smooth Q.
+        q = np.where(mask & (q == 0), 1e-12, q)
+        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+        if kl < best_kl:
+            best, best_kl = int(i), kl
+    return best * width
+
+
+def compute_amax(hist: AbsHistogram, calibrator: str, percentile: float = 99.99) -> float:
+    """The clipping threshold chosen by ``calibrator`` for the data in ``hist``.
+
+    Raises:
+        QGraphError: no data, or only zeros (a zero range has no scale).
+    """
+    if hist.total == 0:
+        raise QGraphError("observer saw no data")
+    if hist.amax == 0.0:
+        raise QGraphError("observer saw only zeros (zero range: no scale can be derived)")
+    if calibrator == "max":
+        return hist.amax
+    counts, width = hist.state()
+    if calibrator == "percentile":
+        amax = _percentile(counts, width, percentile)
+    elif calibrator == "mse":
+        amax = _mse(counts, width)
+    elif calibrator == "entropy":
+        amax = _entropy(counts, width)
+    else:
+        raise QGraphError(f"unknown calibrator {calibrator!r} (known: {', '.join(CALIBRATORS)})")
+    return min(amax, hist.amax)

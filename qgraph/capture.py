@@ -1,0 +1,87 @@
+"""Torch front door: capture an ``nn.Module`` with ``torch.export`` or load a ``.pt2`` file.
+
+Both return a private :class:`torch.fx.GraphModule` (parameters copied, so passes never touch the
+user's model) whose graph is torch.export's ATen-level IR. The batch dimension (axis 0 of every
+input) is dynamic by default.
+
+Example:
+    >>> gm = capture(model.eval(), (torch.randn(1, 1, 8, 8),))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from qgraph._errors import InputError
+
+__all__ = ["capture", "load_pt2", "export_program", "input_specs"]
+
+
+def _batch_dynamic_shapes(example_inputs: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example_inputs)
+
+
+def export_program(
+    module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` with axis 0 of every input dynamic (unless ``dynamic_batch=False``)."""
+    shapes = _batch_dynamic_shapes(example_inputs) if dynamic_batch else None
+    return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
+
+
+def _to_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    gm = copy.deepcopy(program.module())
+    for node in list(gm.graph.nodes):
+        # torch.export's input-shape guard; qgraph re-exports with its own shapes.
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            delattr(gm, "_guards_fn")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.eval()
+    return gm
+
+
+def capture(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    dynamic_batch: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture ``module`` (put in eval mode on a copy) as an fx GraphModule via torch.export."""
+    module = copy.deepcopy(module).eval()
+    return _to_graph_module(export_program(module, example_inputs, dynamic_batch=dynamic_batch))
+
+
+def load_pt2(path: str | Path) -> torch.fx.GraphModule:
+    """Load a program saved with ``torch.export.save`` as a private GraphModule."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a torch.export .pt2 archive")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot load torch.export program ({first})") from None
+    return _to_graph_module(program)
+
+
+def input_specs(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:
+    """``(name, shape, dtype)`` of every graph input; dynamic dimensions are None."""
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise InputError(f"model input {node.name!r} is not a tensor")
+        shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+        specs.append((node.name, shape, val.dtype))
+    return specs

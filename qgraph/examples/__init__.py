@@ -1,0 +1,1 @@
+"""Example models: the test zoo and the bundled digits CNN."""

@@ -1,0 +1,73 @@
+"""The schema of a backend's quantization rules: plain frozen data over op kinds.
+
+A backend (``qgraph.backends.<name>.rules``) fills these tables; the ``annotate`` pass reads them
+and attaches :class:`~qgraph.quant.QSpec` s to graph edges. Rules never edit graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
+from qgraph.quant import QSpec
+
+__all__ = ["InputRule", "OpRule", "BackendRules"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRule:
+    """One input of an op to quantize.
+
+    Attributes:
+        index: the input position (0 = data, 1 = weight for Conv/Gemm).
+        role: ``activation``; ``weight`` (must be a constant, else the op stays in float);
+            ``either`` (a weight spec if the input is a constant, else an activation spec).
+        weight_axis: the per-channel axis for a constant weight; negative counts from the end.
+    """
+
+    index: int
+    role: Literal["activation", "weight", "either"] = "activation"
+    weight_axis: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """How one op kind is quantized.
+
+    Attributes:
+        inputs: the inputs that get Q/DQ.
+        residual: an Add rule: quantize only the input(s) *not* produced by a quantized weighted op
+            (so the Add fuses into that op); if both are, quantize input 1.
+        max_groups: ops with more groups than this stay in float (grouped ConvTranspose).
+    """
+
+    inputs: tuple[InputRule, ...] = ()
+    residual: bool = False
+    max_groups: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendRules:
+    """A backend's rule set for one precision.
+
+    Attributes:
+        backend: backend name (``tensorrt``).
+        precision: recipe name (``int8``).
+        activation: the spec of every quantized activation.
+        weight_dtype: code type of weights (their axis comes from the op rule).
+        ops: op kind → rule. Kinds not listed stay in float.
+        weighted_kinds: op kinds whose output a residual Add can fuse with.
+        float_reasons: op kind → why it stays in float (for the summary).
+    """
+
+    backend: str
+    precision: str
+    activation: QSpec
+    weight_dtype: Literal["int8", "uint8"]
+    ops: Mapping[str, OpRule]
+    weighted_kinds: frozenset[str]
+    float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def weight_spec(self, axis: int | None) -> QSpec:
+        return QSpec(self.weight_dtype, "weight", axis)
