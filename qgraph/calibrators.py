@@ -76,11 +76,13 @@ class AbsHistogram:
             return
         if self.width is None:
             self.width = 2.0 ** math.ceil(math.log2(m / self.bins))
-            self.counts = torch.zeros(max(1, math.ceil(m / self.width)), dtype=torch.int64)
+            self.counts = torch.zeros(math.floor(m / self.width) + 1, dtype=torch.int64)
             if self.zeros:
                 self.counts[0] += self.zeros
                 self.zeros = 0
-        self._grow(max(1, math.ceil(m / self.width)))
+        # Bin i holds [i*width, (i+1)*width): a value on the top edge gets a bin of its own rather
+        # than being clamped into the one below, so pairwise merges (here and in `merge`) stay exact.
+        self._grow(math.floor(m / self.width) + 1)
         idx = torch.clamp((a / self.width).floor_().to(torch.int64), max=self.counts.numel() - 1)
         self.counts += torch.bincount(idx, minlength=self.counts.numel())
 

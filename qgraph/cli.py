@@ -1,0 +1,137 @@
+"""The ``qgraph`` command line: ``lower``, ``inspect`` and ``demo``.
+
+Every user-fixable problem prints one line, ``qgraph: error: ...``, and exits with status 2;
+outputs are written atomically, so a failed run leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from qgraph._errors import InputError, QGraphError
+from qgraph.calibrators import CALIBRATORS
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qgraph", description="qgraph quantization compiler")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lower = sub.add_parser("lower", help="quantize a model and lower it to QDQ ONNX")
+    lower.add_argument("model", help="a torch.export program (.pt2)")
+    lower.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    lower.add_argument("--backend", default="tensorrt", help="target backend (default: tensorrt)")
+    lower.add_argument("--precision", default="int8", help="quantization recipe (default: int8)")
+    lower.add_argument("--calib", help=".npz with one array per model input, or a folder of them")
+    lower.add_argument("--calibrator", choices=CALIBRATORS, default=None, help="default: max")
+    lower.add_argument("--pipeline", help="pass pipeline spec (default: the PTQ pipeline)")
+    lower.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    lower.add_argument("--parity-samples", type=int, default=256, help="samples for the parity check")
+    lower.add_argument("--dump-dir", help="write the graph after every pass into this folder")
+    lower.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+    inspect = sub.add_parser("inspect", help="Q/DQ placement and TensorRT rule check of any ONNX")
+    inspect.add_argument("model", help="a QDQ ONNX model")
+    inspect.add_argument("--backend", default="tensorrt", help="rules to check (default: tensorrt)")
+
+    demo = sub.add_parser("demo", help="lower the bundled digits CNN and compare FP32 vs INT8")
+    demo.add_argument("-o", "--output", default="digits_cnn_int8.onnx", help="the ONNX file to write")
+    demo.add_argument("--calibrator", choices=CALIBRATORS, default="max")
+    return parser
+
+
+def _lower(args: argparse.Namespace) -> int:
+    from qgraph.driver import check_writable, lower_file, write_atomic
+    from qgraph.report import format_plan
+
+    if args.pipeline and args.calibrator:
+        raise InputError("give --calibrator or --pipeline, not both (put the calibrator in the spec)")
+    check_writable(args.output)
+    start = time.perf_counter()
+    result = lower_file(
+        args.model,
+        args.calib,
+        backend=args.backend,
+        precision=args.precision,
+        calibrator=args.calibrator or "max",
+        pipeline=args.pipeline,
+        batch_size=args.batch_size,
+        parity_samples=args.parity_samples,
+        progress=not args.quiet,
+        dump_dir=args.dump_dir,
+    )
+    if result.inspect.violations:
+        raise QGraphError(
+            f"lowered model breaks {args.backend} rules: {result.inspect.violations[0]}"
+        )
+    write_atomic(args.output, result.onnx)
+    if not args.quiet:
+        calib = result.pass_seconds.get("calibrate", 0.0)
+        print(f"qgraph lower: {args.model} -> {args.output} ({args.backend} {args.precision})")
+        print(f"pipeline: {result.pipeline}")
+        counts = result.counts
+        print(
+            f"folded {counts.get('fold-batchnorm.folded', 0)} BatchNorms; "
+            f"{counts.get('insert-qdq.activations', 0)} activation and "
+            f"{counts.get('insert-qdq.weights', 0)} weight quantizers"
+        )
+        for line in format_plan(result.graph):
+            print(line)
+        print(f"calibration: {result.calib_samples} samples in {calib:.2f} s")
+        print(f"lowering to ONNX: {result.lower_seconds:.2f} s; total {time.perf_counter() - start:.2f} s")
+        print(result.parity.summary())
+        q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
+        print(f"{args.backend} rules: OK ({q}/{n} weighted ops quantized)")
+        print(f"wrote {args.output} ({len(result.onnx) / 1024:.1f} KiB)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import onnx
+
+    from qgraph.driver import backend_module
+
+    module = backend_module(args.backend)
+    path = Path(args.model)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise InputError(f"{path}: not a valid ONNX model") from None
+    report = module.inspect_model(model)
+    print(report.summary())
+    return 1 if report.violations else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from qgraph.examples.demo import run_demo
+
+    return run_demo(args.output, args.calibrator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qgraph`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore")
+    handlers = {"lower": _lower, "inspect": _inspect, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except QGraphError as exc:
+        message = " ".join(str(exc).split())
+        print(f"qgraph: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qgraph: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Calibration data: a ``.npz`` file with one array per model input (samples on axis 0), or a
+folder of such files. Arrays are checked against the model's inputs before any work starts and
+then served in batches, one file at a time, so a folder larger than memory streams through.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qgraph._errors import InputError
+
+__all__ = ["CalibrationData"]
+
+InputSpec = tuple[str, tuple[int | None, ...], torch.dtype]
+
+
+class CalibrationData:
+    """A re-iterable source of calibration batches (tuples of tensors in input order).
+
+    Args:
+        path: a ``.npz`` file or a folder of ``.npz`` files.
+        inputs: the model's inputs as ``(name, shape, dtype)``; None in a shape is a dynamic dim.
+        batch_size: samples per batch.
+
+    Raises:
+        InputError: naming the file and array when data is missing, mis-shaped, empty or not finite.
+    """
+
+    def __init__(self, path: str | Path, inputs: list[InputSpec], batch_size: int = 32) -> None:
+        self.path = Path(path)
+        self.inputs = inputs
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.npz"))
+            if not self.files:
+                raise InputError(f"{self.path}: folder holds no .npz files")
+        elif self.path.is_file():
+            self.files = [self.path]
+        else:
+            raise InputError(f"{self.path}: no such calibration file or folder")
+        self.samples = sum(self._check(f) for f in self.files)
+
+    def _open(self, file: Path) -> np.lib.npyio.NpzFile:
+        if not zipfile.is_zipfile(file):
+            raise InputError(f"{file}: not a .npz file")
+        try:
+            return np.load(file, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{file}: cannot read ({exc})") from None
+
+    def _check(self, file: Path) -> int:
+        """Validate one file's arrays; returns its sample count."""
+        with self._open(file) as npz:
+            counts = set()
+            for name, shape, dtype in self.inputs:
+                if name not in npz.files:
+                    have = ", ".join(npz.files) or "nothing"
+                    raise InputError(f"{file}: no array for model input {name!r} (has: {have})")
+                array = npz[name]
+                _check_array(file, name, array, shape, dtype)
+                counts.add(array.shape[0])
+            if len(counts) > 1:
+                raise InputError(f"{file}: inputs have different sample counts {sorted(counts)}")
+        return counts.pop()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for file in self.files:
+            with self._open(file) as npz:
+                arrays = [npz[name] for name, _, _ in self.inputs]
+            n = arrays[0].shape[0]
+            for start in range(0, n, self.batch_size):
+                yield tuple(
+                    torch.from_numpy(np.ascontiguousarray(a[start : start + self.batch_size]))
+                    .to(dtype)
+                    for a, (_, _, dtype) in zip(arrays, self.inputs)
+                )
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        total = 0
+        for file in self.files:
+            with self._open(file) as npz:
+                n = npz[self.inputs[0][0]].shape[0]
+            total += -(-n // self.batch_size)
+        return total
+
+    def take(self, samples: int) -> tuple[torch.Tensor, ...]:
+        """The first ``samples`` samples of every input, concatenated (for parity checks)."""
+        parts: list[list[torch.Tensor]] = [[] for _ in self.inputs]
+        have = 0
+        for batch in self:
+            for part, tensor in zip(parts, batch):
+                part.append(tensor)
+            have += batch[0].shape[0]
+            if have >= samples:
+                break
+        return tuple(torch.cat(p)[:samples] for p in parts)
+
+
+def _check_array(file: Path, name: str, array: np.ndarray, shape: tuple, dtype: torch.dtype) -> None:
+    where = f"{file}: array {name!r}"
+    if array.dtype.kind not in "fiub":
+        raise InputError(f"{where} has dtype {array.dtype}, not numeric")
+    if array.ndim != len(shape):
+        raise InputError(
+            f"{where} has shape {array.shape}; the model input has rank {len(shape)} "
+            f"(expected {_fmt(shape)}, samples on axis 0)"
+        )
+    if array.shape[0] == 0:
+        raise InputError(f"{where} is empty (0 samples)")
+    for i, (got, want) in enumerate(zip(array.shape, shape)):
+        if i > 0 and want is not None and got != want:
+            raise InputError(f"{where} has shape {array.shape}, the model expects {_fmt(shape)}")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise InputError(f"{where} contains NaN or Inf")
+    if dtype.is_floating_point and array.dtype.kind == "f" and not np.any(array):
+        raise InputError(f"{where} is all zeros (zero range: no scale can be calibrated)")
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join("N" if i == 0 and d is None else "?" if d is None else str(d) for i, d in enumerate(shape)) + ")"

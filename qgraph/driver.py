@@ -1,0 +1,167 @@
+"""Load → quantize → lower → check: the whole PTQ job, used by the CLI and the demo.
+
+Example:
+    >>> result = lower_file("model.pt2", "calib.npz", backend="tensorrt", precision="int8")  # doctest: +SKIP
+    >>> write_atomic("model_int8.onnx", result.onnx)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import onnx
+import torch
+import torch.fx
+
+from qgraph._errors import InputError, QGraphError
+from qgraph.capture import input_specs, load_pt2
+from qgraph.data import CalibrationData
+from qgraph.instruments import DumpInstrument, TimingInstrument
+from qgraph.parity import ParityReport, check_parity
+from qgraph.pipeline import build_pipeline
+
+__all__ = ["DEFAULT_PIPELINE", "LoweringResult", "load_model", "quantize", "lower_file", "write_atomic"]
+
+#: The PTQ pipeline run when no ``--pipeline`` is given; ``{calibrator}`` is filled in.
+DEFAULT_PIPELINE = "fold-batchnorm,annotate,insert-observers(calibrator={calibrator}),calibrate,insert-qdq"
+
+
+@dataclasses.dataclass
+class LoweringResult:
+    """Everything one lowering produced: the ONNX bytes, the graph, timings and checks."""
+
+    onnx: bytes
+    graph: torch.fx.GraphModule
+    pipeline: str
+    counts: dict[str, int]
+    pass_seconds: dict[str, float]
+    lower_seconds: float
+    parity: ParityReport
+    inspect: object
+    calib_samples: int
+
+
+def backend_module(name: str):  # noqa: ANN201 - a backend module
+    from qgraph.backends import BACKENDS
+
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
+    return BACKENDS[name]
+
+
+def load_model(path: str | Path) -> torch.fx.GraphModule:
+    """A private GraphModule from a ``.pt2`` torch.export archive or a float ``.onnx`` model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    if path.suffix == ".pt2" or zipfile.is_zipfile(path):
+        return load_pt2(path)
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise InputError(f"{path}: neither a torch.export .pt2 archive nor a valid ONNX model") from None
+    raise InputError(
+        f"{path}: reading float ONNX models is not implemented yet; save the PyTorch model with "
+        "torch.export.save(torch.export.export(model, example_inputs), 'model.pt2') and pass the .pt2"
+    )
+
+
+def quantize(
+    gm: torch.fx.GraphModule,
+    data,  # noqa: ANN001 - an iterable of batches
+    *,
+    rules,  # noqa: ANN001 - BackendRules
+    pipeline: str,
+    progress: bool = False,
+    dump_dir: str | Path | None = None,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Run a pipeline spec on ``gm`` in place; returns (counts, seconds per pass)."""
+    from qgraph.passes import PASSES
+
+    timing = TimingInstrument()
+    instruments = [timing] + ([DumpInstrument(dump_dir)] if dump_dir else [])
+    seq = build_pipeline(
+        pipeline,
+        PASSES,
+        context={"rules": rules, "data": data, "progress": progress},
+        instruments=instruments,
+    )
+    result = seq(gm)
+    return dict(result.counts), timing.seconds
+
+
+def lower_file(
+    model_path: str | Path,
+    calib_path: str | Path | None,
+    *,
+    backend: str = "tensorrt",
+    precision: str = "int8",
+    calibrator: str = "max",
+    pipeline: str | None = None,
+    batch_size: int = 32,
+    parity_samples: int = 256,
+    progress: bool = False,
+    dump_dir: str | Path | None = None,
+) -> LoweringResult:
+    """The whole job on files: load, calibrate and quantize, lower, inspect, check parity."""
+    module = backend_module(backend)
+    if precision not in module.RULES:
+        raise InputError(
+            f"backend {backend} has no precision {precision!r} (has: {', '.join(module.RULES)})"
+        )
+    gm = load_model(model_path)
+    if calib_path is None:
+        raise InputError("--calib DATA is required: PTQ needs calibration data")
+    data = CalibrationData(calib_path, input_specs(gm), batch_size)
+    spec = pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator)
+    counts, seconds = quantize(
+        gm, data, rules=module.RULES[precision], pipeline=spec, progress=progress, dump_dir=dump_dir
+    )
+    if any(type(m).__name__ == "Observer" for m in gm.modules()):
+        raise QGraphError("pipeline left observers in the graph: end it with `insert-qdq`")
+    sample = data.take(min(parity_samples, data.samples))
+    start = time.perf_counter()
+    onnx_bytes = module.lower(gm, sample)
+    lower_seconds = time.perf_counter() - start
+    parity = check_parity(gm, onnx_bytes, sample)
+    report = module.inspect_model(onnx.load_from_string(onnx_bytes))
+    return LoweringResult(
+        onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, report, data.samples
+    )
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any work) if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: folder {parent} is not writable")
+    return path
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a half-written file."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,148 @@
+"""Parity: does the exported ONNX (run in onnxruntime) compute what the torch fake-quant graph does?
+
+Both run on the same inputs; the report gives, per output, the max absolute error and that error
+relative to the output's largest magnitude. Differences come only from float rounding (the two
+runtimes sum convolutions in different orders); when such a difference lands on a rounding tie of
+a later quantizer, that element moves by one quantization step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.fx
+
+__all__ = ["ParityReport", "check_parity"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    """Per-output errors of ONNX vs torch: ``(name, max_abs_error, max_abs_reference)``."""
+
+    outputs: tuple[tuple[str, float, float], ...]
+    samples: int
+
+    @property
+    def max_error(self) -> float:
+        return max(err for _, err, _ in self.outputs)
+
+    @property
+    def max_relative(self) -> float:
+        return max(err / ref if ref else err for _, err, ref in self.outputs)
+
+    def summary(self) -> str:
+        parts = [
+            f"{name} max|err| {err:.3g} ({100 * err / ref if ref else 0:.3f}% of max|y|)"
+            for name, err, ref in self.outputs
+        ]
+        return f"parity (onnxruntime vs torch fake-quant, {self.samples} samples): " + "; ".join(parts)
+
+
+def session(model: bytes) -> ort.InferenceSession:
+    """A single-threaded CPU onnxruntime session (deterministic, comparable timings)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    gm: torch.fx.GraphModule, model: bytes, inputs: tuple[torch.Tensor, ...]
+) -> ParityReport:
+    """Run ``gm`` and the ONNX ``model`` on ``inputs`` and compare every output."""
+    sess = session(model)
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    got = sess.run(None, feeds)
+    with torch.no_grad():
+        want = gm(*inputs)
+    if isinstance(want, torch.Tensor):
+        want = (want,)
+    want = [w.detach().numpy() for w in torch.utils._pytree.tree_leaves(want)]
+    outputs = []
+    for meta, g, w in zip(sess.get_outputs(), got, want):
+        err = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
+        outputs.append((meta.name, err, float(np.max(np.abs(w))) if w.size else 0.0))
+    return ParityReport(tuple(outputs), int(inputs[0].shape[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeAgreement:
+    """Integer codes at every activation quantizer, ONNX (ORT) vs torch.
+
+    Attributes:
+        total: codes compared.
+        differing: codes that differ.
+        max_diff: largest difference in code units.
+    """
+
+    total: int
+    differing: int
+    max_diff: int
+
+    @property
+    def fraction_equal(self) -> float:
+        return 1.0 - self.differing / self.total if self.total else 1.0
+
+
+def check_codes(
+    gm: torch.fx.GraphModule, model: bytes, inputs: tuple[torch.Tensor, ...]
+) -> CodeAgreement:
+    """Compare the codes every ``QuantizeLinear`` produces in ORT with the torch quantizer's codes.
+
+    Activation quantizers are matched in graph order: the exporter translates the fx graph node
+    by node, so the i-th activation ``QuantizeLinear`` is the i-th activation ``FakeQuant`` (names
+    cannot be used: the exporter merges equal scale initializers). A shape mismatch raises.
+    """
+    import onnx
+
+    from qgraph.quant import FakeQuant
+
+    proto = onnx.load_from_string(model)
+    q_names = []
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear":
+            q_names.append(node.output[0])
+            proto.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    sess = session(proto.SerializeToString())
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    onnx_codes = sess.run(q_names, feeds) if q_names else []
+
+    order = [
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        and isinstance(gm.get_submodule(n.target), FakeQuant)
+        and gm.get_submodule(n.target).spec.role == "activation"
+    ]
+    if len(order) != len(onnx_codes):
+        raise ValueError(f"{len(order)} activation quantizers in torch, {len(onnx_codes)} in ONNX")
+    torch_codes: dict[str, np.ndarray] = {}
+
+    def hook(mod, args, out, name):  # noqa: ANN001, ANN202
+        x = args[0].detach()
+        codes = torch.clamp(torch.round(x / mod.scale) + mod.zero_point.float(), mod.spec.qmin, mod.spec.qmax)
+        torch_codes[name] = codes.numpy().astype(np.int32)
+
+    hooks = [
+        gm.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
+        for name in order
+    ]
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = [(torch_codes[name], got) for name, got in zip(order, onnx_codes)]
+    total = differing = max_diff = 0
+    for codes, got in pairs:
+        if codes.shape != got.shape:
+            raise ValueError(f"quantizer shapes differ: torch {codes.shape}, ONNX {got.shape}")
+        diff = np.abs(codes - got.astype(np.int32))
+        total += diff.size
+        differing += int(np.count_nonzero(diff))
+        max_diff = max(max_diff, int(diff.max()) if diff.size else 0)
+    return CodeAgreement(total, differing, max_diff)

@@ -1,0 +1,40 @@
+"""What a lowering quantized and what it left in float, read off the annotated graph."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx
+
+from qgraph.graph import op_kind
+
+__all__ = ["plan_summary"]
+
+_QUANT_META = "qgraph.quant"
+_FLOAT_META = "qgraph.float_reason"
+
+
+def plan_summary(gm: torch.fx.GraphModule) -> tuple[Counter, dict[tuple[str, str], int]]:
+    """(quantized op kinds → count, (op kind, reason) → count of ops left in float)."""
+    quantized: Counter = Counter()
+    left: dict[tuple[str, str], int] = {}
+    for node in gm.graph.nodes:
+        if node.meta.get(_QUANT_META):
+            quantized[op_kind(node) or node.name] += 1
+        elif node.meta.get(_FLOAT_META):
+            key = (op_kind(node) or str(node.target), node.meta[_FLOAT_META])
+            left[key] = left.get(key, 0) + 1
+    return quantized, left
+
+
+def format_plan(gm: torch.fx.GraphModule) -> list[str]:
+    """Summary lines: ``quantized: Conv×4, Add×1`` and one line per float reason."""
+    quantized, left = plan_summary(gm)
+    lines = [
+        f"quantized ({sum(quantized.values())} ops): "
+        + (", ".join(f"{k}×{v}" for k, v in sorted(quantized.items())) or "none")
+    ]
+    if left:
+        lines.append(f"left in float ({sum(left.values())} ops):")
+        lines += [f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(left.items())]
+    return lines
