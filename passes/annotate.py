@@ -21,8 +21,9 @@ import torch.fx
 
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, op_kind
+from qgraph.observers import Observer
 from qgraph.passes._util import FLOAT_META, QUANT_META
-from qgraph.quant import QSpec
+from qgraph.quant import FakeQuant, QSpec
 from qgraph.rules import BackendRules, OpRule
 
 __all__ = ["Annotate"]
@@ -80,6 +81,7 @@ class Annotate(Pass):
             arg = node.args[inp.index] if inp.index < len(node.args) else None
             if not isinstance(arg, torch.fx.Node):
                 return {}, f"input {inp.index} is not a tensor"
+            arg = self._through_quantizers(arg)
             constant = is_constant(arg)
             if inp.role == "weight" and not constant:
                 return {}, "weight is not a constant"
@@ -95,6 +97,7 @@ class Annotate(Pass):
         args = node.args[:2]
         if len(args) < 2 or not all(isinstance(a, torch.fx.Node) for a in args):
             return {}, "not an add of two tensors"
+        args = [self._through_quantizers(a) for a in args]
         if any(is_constant(a) for a in args):
             return {}, "adds a constant"
         fused = [self._is_quantized_weighted(a) for a in args]
@@ -105,6 +108,15 @@ class Annotate(Pass):
 
     def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
         return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))
+
+    def _through_quantizers(self, node: torch.fx.Node) -> torch.fx.Node:
+        # Observers and fake-quants inserted by later passes are identities for planning; looking
+        # through them keeps the plan (and `modified=False`) when annotate runs again after them.
+        while node.op == "call_module" and isinstance(
+            self._gm.get_submodule(node.target), (Observer, FakeQuant)
+        ):
+            node = node.args[0]
+        return node
 
 
 def _set_meta(node: torch.fx.Node, key: str, value: object) -> None:

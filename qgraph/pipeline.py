@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qgraph._errors import InputError
+from qgraph._errors import InputError, QGraphError
 from qgraph._pass import Pass, Sequential
 
 __all__ = ["parse_spec", "format_spec", "format_step", "build_pipeline"]
@@ -126,6 +126,7 @@ def build_pipeline(
         extra = {k: context[k] for k in getattr(factory, "context_keys", ()) if k in context}
         try:
             passes.append(factory(**options, **extra))
-        except TypeError as exc:
+        except (TypeError, ValueError, QGraphError) as exc:
+            # a wrong option name (TypeError), value (ValueError: bins=many) or choice
             raise InputError(f"pipeline spec: bad options for {name}: {exc}") from None
     return Sequential(passes, **sequential_kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import pytest
 import torch
@@ -110,7 +111,8 @@ class _BreaksGraph(Pass):
 
     def call(self, graph):
         out = next(n for n in graph.graph.nodes if n.op == "output")
-        with graph.graph.inserting_before(out):
+        with graph.graph.inserting_before(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # fx warns about the dangling target
             graph.graph.get_attr("no_such_weight")
         return PassResult(graph, True)
 
@@ -203,12 +205,25 @@ def test_verify_false_skips_verifier(gm):
         qgraph.verify(gm)
 
 
-def test_verify_accepts_captured_graph_and_rejects_bad_call_module(gm):
+def test_verify_accepts_captured_graph_and_rejects_dangling_call_module(gm):
     qgraph.verify(gm)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    gm.add_module("extra", nn.Identity())
     with gm.graph.inserting_after(x):
-        gm.graph.call_module("fc_missing", (x,))
-    with pytest.raises(VerifierError, match="fc_missing"):
+        gm.graph.call_module("extra", (x,))
+    qgraph.verify(gm)  # an unused module call is still a well-formed graph
+    delattr(gm, "extra")  # a pass that deletes a module but leaves its call behind
+    with pytest.raises(VerifierError, match="extra"):
+        qgraph.verify(gm)
+
+
+def test_verify_rejects_get_attr_to_non_tensor(gm):
+    gm.not_a_tensor = 3
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx warns: not a parameter or buffer
+        gm.graph.get_attr("not_a_tensor")
+    with pytest.raises(VerifierError, match="'not_a_tensor' is not a tensor"):
         qgraph.verify(gm)
 
 

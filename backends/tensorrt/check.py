@@ -108,7 +108,9 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
     """Inspect a QDQ ONNX model for TensorRT; see the module docstring for the checks."""
     graph = ir.serde.deserialize_model(model).graph
     report = InspectReport()
-    for node in graph:
+    for i, node in enumerate(graph):
+        if not node.name:
+            node.name = f"{node.op_type}#{i}"
         report.op_counts[node.op_type] = report.op_counts.get(node.op_type, 0) + 1
         if node.op_type.startswith("QLinear") or node.op_type in _FORBIDDEN:
             report.violations.append(f"{node.name}: {node.op_type} is not supported by TensorRT's parser")
@@ -132,10 +134,14 @@ def _check_qdq(node: ir.Node, report: InspectReport) -> None:
             report.violations.append(f"{node.name}: zero-point is not a constant")
         elif np.any(zp.astype(np.float64) != 0):
             report.violations.append(f"{node.name}: zero-point is not 0 (TensorRT is symmetric)")
-    code_type = (node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]).dtype
-    if code_type is None and zp_value is None:
-        code_type = ir.DataType.UINT8  # the spec's default when no zero-point is given
-    if code_type == ir.DataType.UINT8:
+    zp_const = _const(zp_value)
+    if zp_const is not None:
+        uint8 = zp_const.dtype == np.uint8
+    else:
+        code_type = (node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]).dtype
+        # with no zero-point and no output_dtype the spec's default code type is uint8
+        uint8 = code_type == ir.DataType.UINT8 or (code_type is None and zp_value is None)
+    if uint8:
         report.violations.append(f"{node.name}: uint8 codes (TensorRT needs int8 or FP8)")
     if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is None:
         users = [u.node.op_type for u in node.outputs[0].uses()]

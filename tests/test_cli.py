@@ -1,0 +1,218 @@
+"""The `qgraph` CLI: the happy path, and one-line errors with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qgraph.cli import main
+from qgraph.examples.zoo import make
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    model, x = make("mlp")
+    path = tmp_path_factory.mktemp("model") / "mlp.pt2"
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(ep, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lower_writes_checked_onnx_and_summary(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    before = _digest(model_file)
+    assert main(["lower", str(model_file), "-o", str(out), "--calib", str(calib_file)]) == 0
+    printed = capsys.readouterr().out
+    for expected in ("quantized (", "left in float", "Relu", "parity", "tensorrt rules: OK (3/3", "calibration:"):
+        assert expected in printed, printed
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert _digest(model_file) == before, "the input model must never be modified"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_same_inputs_same_bytes(model_file, calib_file, tmp_path):
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outs:
+        args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "-q"]
+        assert main(args + ["--calibrator", "entropy"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_custom_pipeline_and_inspect(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    spec = "annotate,insert-observers(calibrator=percentile,percentile=99.9),calibrate,insert-qdq"
+    assert main(["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--pipeline", spec]) == 0
+    assert f"pipeline: {spec}" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    assert "TensorRT rules: OK" in capsys.readouterr().out
+
+
+def test_inspect_flags_violations(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    scale = onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = onnx.numpy_helper.from_array(np.array(3, np.uint8), "zp")  # uint8, non-zero: two violations
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+            helper.make_node("MatMul", ["xd", "w"], ["y"]),  # weight not quantized: a third
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w, scale, zp],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert main(["inspect", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert "zero-point is not 0" in printed
+    assert "uint8 codes" in printed
+    assert "only some inputs quantized" in printed
+
+
+def _bad(tmp_path: Path, model: Path, calib: Path | None, capsys, *extra: str) -> str:
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir(exist_ok=True)
+    args = ["lower", str(model), "-o", str(out), "-q"] + (["--calib", str(calib)] if calib else [])
+    assert main(args + list(extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgraph: error: ") and err.count("\n") == 1, err
+    assert list(out.parent.iterdir()) == [], "no output (or temp file) may be left behind"
+    return err
+
+
+def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\x00\x01garbage" * 10, "neither a torch.export .pt2 archive nor a valid ONNX"), (b"hello", "neither")],
+)
+def test_corrupt_model_files(tmp_path, calib_file, capsys, content, message):
+    for name in ("m.onnx", "m.bin"):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert message in _bad(tmp_path, path, calib_file, capsys)
+
+
+def test_corrupt_pt2(tmp_path, calib_file, capsys):
+    import zipfile
+
+    path = tmp_path / "m.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("junk.txt", "not a program")
+    assert "cannot load torch.export program" in _bad(tmp_path, path, calib_file, capsys)
+
+
+def test_missing_model(tmp_path, calib_file, capsys):
+    assert "no such model file" in _bad(tmp_path, tmp_path / "nope.pt2", calib_file, capsys)
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"y": np.ones((8, 64), np.float32)}, "no array for model input 'x'"),
+        ({"x": np.ones((8, 32), np.float32)}, "has shape (8, 32), the model expects (N, 64)"),
+        ({"x": np.ones((8, 4, 64), np.float32)}, "the model input has rank 2"),
+        ({"x": np.full((8, 64), np.nan, np.float32)}, "contains NaN or Inf"),
+        ({"x": np.full((8, 64), np.inf, np.float32)}, "contains NaN or Inf"),
+        ({"x": np.ones((0, 64), np.float32)}, "is empty"),
+        ({"x": np.zeros((8, 64), np.float32)}, "all zeros (zero range"),
+    ],
+)
+def test_bad_calibration_data(tmp_path, model_file, capsys, arrays, message):
+    assert message in _bad(tmp_path, model_file, _npz(tmp_path, **arrays), capsys)
+
+
+def test_zero_range_inside_the_graph(tmp_path, capsys):
+    """A graph whose activations are all zero for every calibration sample (dead ReLU)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)
+    path = tmp_path / "dead.pt2"
+    x = torch.ones(4, 8)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
+    err = _bad(tmp_path, path, _npz(tmp_path, input_1=np.ones((8, 8), np.float32)), capsys)
+    assert "saw only zeros (zero range" in err
+
+
+def test_calibration_file_problems(tmp_path, model_file, capsys):
+    assert "no such calibration file" in _bad(tmp_path, model_file, tmp_path / "none.npz", capsys)
+    notnpz = tmp_path / "x.npz"
+    notnpz.write_text("text")
+    assert "not a .npz file" in _bad(tmp_path, model_file, notnpz, capsys)
+    empty_dir = tmp_path / "calibdir"
+    empty_dir.mkdir()
+    assert "holds no .npz files" in _bad(tmp_path, model_file, empty_dir, capsys)
+    assert "--calib DATA is required" in _bad(tmp_path, model_file, None, capsys)
+
+
+def test_calibration_folder(tmp_path, model_file, capsys):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        np.savez(folder / f"part{i}.npz", x=rng.standard_normal((10, 64)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(model_file), "-o", str(out), "--calib", str(folder)]) == 0
+    assert "calibration: 30 samples" in capsys.readouterr().out
+
+
+def test_bad_options(tmp_path, model_file, calib_file, capsys):
+    assert "unknown backend" in _bad(tmp_path, model_file, calib_file, capsys, "--backend", "tvm")
+    assert "no precision 'int3'" in _bad(tmp_path, model_file, calib_file, capsys, "--precision", "int3")
+    assert "unknown pass 'fold'" in _bad(tmp_path, model_file, calib_file, capsys, "--pipeline", "fold")
+    assert "run `calibrate` first" in _bad(
+        tmp_path, model_file, calib_file, capsys, "--pipeline", "annotate,insert-observers,insert-qdq"
+    )
+
+
+def test_unwritable_output(tmp_path, model_file, calib_file, capsys):
+    for out in (tmp_path / "missing" / "o.onnx", tmp_path):
+        args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "-q"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qgraph: error: ") and err.count("\n") == 1
+        assert "cannot write" in err or "is a directory" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_console_script_exit_status(tmp_path, calib_file):
+    """The installed entry point: exit 2 and one line on stderr, no traceback."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not onnx")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qgraph.cli", "lower", str(bad), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib_file)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("qgraph: error:")
