@@ -155,6 +155,11 @@ def _entropy(counts: np.ndarray, width: float) -> float:
     n = counts.size
     if n <= _QUANT_LEVELS:
         return n * width
+    # Exact zeros (ReLU outputs) are exact under every scale, but a spike in bin 0 dominates the
+    # KL and drags the threshold down (to ~2 sigma on relu(N(0,1))). Like pytorch-quantization,
+    # let bin 0 count as its neighbour so the zeros do not vote.
+    counts = counts.copy()
+    counts[0] = counts[1]
     best, best_kl = n, math.inf
     for i in _candidates(n, _QUANT_LEVELS):
         ref = counts[:i].copy()

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` with axis 0 of every input dynamic (unless ``dynamic_batch=False``)."""
     shapes = _batch_dynamic_shapes(example_inputs) if dynamic_batch else None
+    params = inspect.signature(module.forward).parameters.values()
+    if shapes is not None and any(p.kind is p.VAR_POSITIONAL for p in params):
+        shapes = (shapes,)  # forward(*inputs): one entry for the whole tuple
     return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
 
 

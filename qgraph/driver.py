@@ -61,14 +61,9 @@ def load_model(path: str | Path) -> torch.fx.GraphModule:
         raise InputError(f"{path}: no such model file")
     if path.suffix == ".pt2" or zipfile.is_zipfile(path):
         return load_pt2(path)
-    try:
-        onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise InputError(f"{path}: neither a torch.export .pt2 archive nor a valid ONNX model") from None
-    raise InputError(
-        f"{path}: reading float ONNX models is not implemented yet; save the PyTorch model with "
-        "torch.export.save(torch.export.export(model, example_inputs), 'model.pt2') and pass the .pt2"
-    )
+    from qgraph.onnx_import import load_onnx
+
+    return load_onnx(path)
 
 
 def quantize(

@@ -96,7 +96,8 @@ def test_value_on_top_edge_then_growth_is_binned_by_floor():
     counts, width = h.state()
     assert width == 0.25
     assert counts[4] == 1 and counts[12] == 1 and counts.sum() == 2
-    np.testing.assert_array_equal(counts, _trim(_numpy_hist(np.array([1.0, 3.0]), width, counts.size)))
+    ref = _numpy_hist(np.array([1.0, 3.0]), width, counts.size)
+    np.testing.assert_array_equal(counts, _trim(ref))
 
 
 def test_zeros_only_then_data():
@@ -240,6 +241,21 @@ def test_mse_and_entropy_keep_most_of_a_clean_gaussian(calibrator):
     _, h = _gauss()
     amax = compute_amax(h, calibrator)
     assert 2.5 < amax <= h.amax, amax
+
+
+def test_entropy_ignores_exact_zeros():
+    """Zeros quantize exactly under any scale, so they must not move the entropy threshold."""
+    x, h = _gauss(100_000, seed=5)
+    with_zeros = _hist_of(x, np.zeros(300_000, dtype=np.float32), bins=2048)
+    assert compute_amax(with_zeros, "entropy") == compute_amax(h, "entropy")
+
+
+def test_entropy_on_relu_output_keeps_the_gaussian_tail():
+    # relu(N(0, 1)): half exact zeros. The threshold must stay well beyond 3 sigma, as for |N(0, 1)|
+    # (the zero spike in bin 0 used to drag it down to 2.0).
+    x = np.maximum(np.random.default_rng(6).normal(0.0, 1.0, 200_000), 0.0).astype(np.float32)
+    amax = compute_amax(_hist_of(x, bins=2048), "entropy")
+    assert 3.5 < amax <= float(x.max()), amax
 
 
 def test_every_calibrator_bounded_by_max():

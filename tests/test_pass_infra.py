@@ -358,7 +358,10 @@ def test_format_spec_is_canonical():
         ("insert-observers(calibrator=max", "unbalanced '('"),
         ("insert-qdq)", "unbalanced ')'"),
         ("a(b(c=1))", "cannot parse step"),
-        ("insert-observers(calibrator)", "option 'calibrator' of insert-observers is not key=value"),
+        (
+            "insert-observers(calibrator)",
+            "option 'calibrator' of insert-observers is not key=value",
+        ),
         ("insert-observers(calibrator=)", "is not key=value"),
         ("insert-observers(Bad=1)", "is not key=value"),
         ("insert-observers(bins=1,bins=2)", "option 'bins' given twice to insert-observers"),
@@ -424,7 +427,10 @@ def test_build_pipeline_forwards_sequential_options(tmp_path):
         (FoldBatchNorm(), "fold-batchnorm"),
         (Annotate(INT8), "annotate"),
         (InsertObservers(), "insert-observers(calibrator=max)"),
-        (InsertObservers("percentile", percentile=99.9), "insert-observers(calibrator=percentile,percentile=99.9)"),
+        (
+            InsertObservers("percentile", percentile=99.9),
+            "insert-observers(calibrator=percentile,percentile=99.9)",
+        ),
         (InsertObservers("entropy", bins=512), "insert-observers(bins=512,calibrator=entropy)"),
         (Calibrate([]), "calibrate"),
         (InsertQDQ(), "insert-qdq"),
