@@ -30,7 +30,7 @@ measurements so one-time imports and exporter initialisation are not charged to 
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_lower.py [--repeats 3] [--out benchmarks/results_lower.json]
+    .venv/bin/python benchmarks/bench_lower.py [--repeats 7] [--out benchmarks/results_lower.json]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +53,10 @@ import torch
 torch.set_num_threads(1)
 with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
     torch.set_num_interop_threads(1)
+
+# torch.export's pytree FutureWarnings are noise here (they would repeat once per capture)
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
@@ -236,7 +241,7 @@ def tables(results: list[dict[str, object]], repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model/calibrator (default 3)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per model/calibrator (default 7)")
     parser.add_argument("--out", default="benchmarks/results_lower.json", help="JSON output path")
     parser.add_argument("--models", nargs="*", default=sorted(ZOO), help="zoo models (default: all)")
     parser.add_argument("--calibrators", nargs="*", default=list(CALIBRATORS), help="default: all four")
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         split.wrap(importlib.import_module("qgraph.capture"), "export_program", "torch_export"),
         split.wrap(torch.onnx, "export", "onnx_export"),
     ]
+    load_before = os.getloadavg()
     started = time.perf_counter()
     results = []
     with contextlib.ExitStack() as stack:
@@ -311,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": machine(),
         "total_wall_s": total,
+        # other processes on the machine make the numbers noisier; recorded for honesty
+        "loadavg_1_5_15_before": load_before,
+        "loadavg_1_5_15_after": os.getloadavg(),
         "results": results,
     }
     path = Path(args.out)

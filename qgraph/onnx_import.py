@@ -75,8 +75,11 @@ def _pool(node, x, kind):  # noqa: ANN001, ANN202
 
 
 def _reduce_mean(node, x, axes=None):  # noqa: ANN001, ANN202
-    axes = list(_attr(node, "axes", axes if axes is not None else range(x.dim())))
-    return torch.mean(x, [int(a) for a in axes], keepdim=bool(_attr(node, "keepdims", 1)))
+    axes = sorted(int(a) % x.dim() for a in _attr(node, "axes", axes if axes is not None else range(x.dim())))
+    keep = bool(_attr(node, "keepdims", 1))
+    if keep and x.dim() == 4 and axes == [2, 3]:
+        return F.adaptive_avg_pool2d(x, 1)  # what torch.onnx writes for adaptive_avg_pool2d(x, 1)
+    return torch.mean(x, axes, keepdim=keep)
 
 
 def _reshape(node, x, shape):  # noqa: ANN001, ANN202

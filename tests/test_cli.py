@@ -216,3 +216,43 @@ def test_console_script_exit_status(tmp_path, calib_file):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("qgraph: error:")
+
+
+@pytest.fixture(scope="module")
+def onnx_model_file(tmp_path_factory) -> Path:
+    import contextlib
+    import io
+
+    model, x = make("rescnn")
+    path = tmp_path_factory.mktemp("onnx") / "rescnn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model, (x,), dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim.AUTO},)
+        ).save(str(path))
+    return path
+
+
+def test_lower_float_onnx(onnx_model_file, tmp_path, capsys):
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    before = _digest(onnx_model_file)
+    assert main(["lower", str(onnx_model_file), "-o", str(out), "--calib", str(calib)]) == 0
+    assert "tensorrt rules: OK (7/7" in capsys.readouterr().out
+    assert _digest(onnx_model_file) == before
+    # lowering the lowered (already quantized) model is refused
+    assert "already quantized" in _bad(tmp_path, out, calib, capsys)
+
+
+def test_onnx_with_unsupported_op(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cos", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    path = tmp_path / "cos.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    err = _bad(tmp_path, path, _npz(tmp_path, x=np.ones((4, 4), np.float32)), capsys)
+    assert "ONNX op Cos is not supported" in err

@@ -141,3 +141,57 @@ def test_residual_add_quantizes_identity_branch():
         kinds = [producers[i].op_type if i in producers else "input" for i in add.input]
         # one input straight from a Conv (fused), the other dequantized
         assert sorted(kinds) == ["Conv", "DequantizeLinear"], kinds
+
+
+@functools.cache
+def lowered_from_onnx(name: str):
+    """The same zoo model, exported to float ONNX by torch.onnx and read back by qgraph."""
+    import contextlib
+    import io
+    import tempfile
+
+    from qgraph.onnx_import import load_onnx
+
+    model, x = make(name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model, (x,), dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim.AUTO},)
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/{name}.onnx"
+        program.save(path)
+        gm = load_onnx(path)
+    _, _, _, calib = lowered(name)
+    Sequential(
+        [FoldBatchNorm(), Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib), InsertQDQ()]
+    )(gm)
+    return gm, tensorrt.lower(gm, (calib[0],))
+
+
+def _scales(gm, role):
+    return sorted(
+        float(s)
+        for m in gm.modules()
+        if getattr(getattr(m, "spec", None), "role", "") == role
+        for s in m.scale.reshape(-1)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_float_onnx_input_gives_the_same_plan(name):
+    """Lowering the torch model and its float ONNX export give the same Q/DQ plan and scales."""
+    _, gm_torch, data_torch, calib = lowered(name)
+    gm_onnx, data_onnx = lowered_from_onnx(name)
+    for role in ("activation", "weight"):
+        a, b = _scales(gm_torch, role), _scales(gm_onnx, role)
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    census = [
+        {k: v for k, v in tensorrt.inspect_model(onnx.load_from_string(d)).op_counts.items() if "Quantize" in k}
+        for d in (data_torch, data_onnx)
+    ]
+    assert census[0] == census[1]
+    report = tensorrt.inspect_model(onnx.load_from_string(data_onnx))
+    assert report.violations == [] and report.quantized_weighted == len(report.weighted)
+    x = torch.cat(calib)
+    np.testing.assert_allclose(gm_onnx(x).detach().numpy(), gm_torch(x).detach().numpy(), atol=0.02 * float(gm_torch(x).abs().max()))
