@@ -169,6 +169,8 @@ def _entropy(counts: np.ndarray, width: float) -> float:
         chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=_QUANT_LEVELS)
         chunk_nz = np.bincount(chunk, weights=nonzero, minlength=_QUANT_LEVELS)
         q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1), 0.0)
+        if q.sum() == 0:  # every value inside the threshold is in an empty-looking chunk
+            continue
         p = ref / ref.sum()
         q = q / q.sum()
         mask = p > 0

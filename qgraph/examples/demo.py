@@ -16,6 +16,7 @@ from qgraph.capture import load_pt2
 from qgraph.driver import lower_file, write_atomic
 from qgraph.examples.digits import CALIB_PATH, MODEL_PATH, TEST_PATH
 from qgraph.parity import session
+from qgraph.report import format_plan
 
 __all__ = ["run_demo", "onnx_accuracy"]
 
@@ -44,6 +45,8 @@ def run_demo(output: str, calibrator: str = "max") -> int:
     fp32 = onnx_accuracy(float_onnx(), x, y)
     int8 = onnx_accuracy(result.onnx, x, y)
     q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
+    for line in format_plan(result.graph):
+        print(line)
     print(f"digits CNN, held-out split ({len(y)} images), onnxruntime CPU:")
     print(f"  FP32 accuracy: {fp32:.2f}%")
     print(f"  INT8 accuracy: {int8:.2f}%  (tensorrt int8, calibrator {calibrator}, {q}/{n} weighted ops quantized)")
