@@ -22,7 +22,7 @@ from qgraph._errors import InputError, QGraphError
 from qgraph.capture import input_specs, load_pt2
 from qgraph.data import CalibrationData
 from qgraph.instruments import DumpInstrument, TimingInstrument
-from qgraph.parity import ParityReport, check_parity
+from qgraph.parity import CodeAgreement, ParityReport, check_codes, check_parity
 from qgraph.pipeline import build_pipeline
 
 __all__ = ["DEFAULT_PIPELINE", "LoweringResult", "load_model", "quantize", "lower_file", "write_atomic"]
@@ -42,6 +42,7 @@ class LoweringResult:
     pass_seconds: dict[str, float]
     lower_seconds: float
     parity: ParityReport
+    codes: CodeAgreement
     inspect: object
     calib_samples: int
 
@@ -124,9 +125,10 @@ def lower_file(
     onnx_bytes = module.lower(gm, sample)
     lower_seconds = time.perf_counter() - start
     parity = check_parity(gm, onnx_bytes, sample)
+    codes = check_codes(gm, onnx_bytes, sample)
     report = module.inspect_model(onnx.load_from_string(onnx_bytes))
     return LoweringResult(
-        onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, report, data.samples
+        onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, codes, report, data.samples
     )
 
 

@@ -74,17 +74,28 @@ class CodeAgreement:
 
     Attributes:
         total: codes compared.
-        differing: codes that differ.
-        max_diff: largest difference in code units.
+        differing: codes that differ end to end (float differences upstream can move a value
+            across a rounding boundary; the flip then propagates).
+        max_diff: largest end-to-end difference in code units.
+        quantizer_mismatches: codes that differ when the torch quantizer is applied to the very
+            tensor ORT quantized — 0 means the quantizers themselves are bit-exact.
     """
 
     total: int
     differing: int
     max_diff: int
+    quantizer_mismatches: int = 0
 
     @property
     def fraction_equal(self) -> float:
         return 1.0 - self.differing / self.total if self.total else 1.0
+
+    def summary(self) -> str:
+        return (
+            f"activation codes: {100 * self.fraction_equal:.3f}% of {self.total} identical "
+            f"(max difference {self.max_diff}); quantizers bit-exact on identical input: "
+            f"{'yes' if self.quantizer_mismatches == 0 else f'NO ({self.quantizer_mismatches} codes differ)'}"
+        )
 
 
 def check_codes(
@@ -101,14 +112,22 @@ def check_codes(
     from qgraph.quant import FakeQuant
 
     proto = onnx.load_from_string(model)
-    q_names = []
+    q_names, q_inputs = [], []
+    outputs = {o.name for o in proto.graph.output}
     for node in proto.graph.node:
         if node.op_type == "QuantizeLinear":
             q_names.append(node.output[0])
-            proto.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+            q_inputs.append(node.input[0])
+            for name in node.output[0], node.input[0]:
+                if name not in outputs:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                    outputs.add(name)
     sess = session(proto.SerializeToString())
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    onnx_codes = sess.run(q_names, feeds) if q_names else []
+    fetched = dict(zip(q_names + q_inputs, sess.run(q_names + q_inputs, feeds))) if q_names else {}
+    all_values = {**feeds, **fetched}
+    onnx_codes = [fetched[n] for n in q_names]
+    onnx_q_inputs = [all_values[n] for n in q_inputs]
 
     order = [
         n.target
@@ -137,6 +156,13 @@ def check_codes(
         for h in hooks:
             h.remove()
     pairs = [(torch_codes[name], got) for name, got in zip(order, onnx_codes)]
+    quantizer_mismatches = 0
+    with torch.no_grad():
+        for name, q_in, got in zip(order, onnx_q_inputs, onnx_codes):
+            module = gm.get_submodule(name)
+            deq = module(torch.from_numpy(np.asarray(q_in))).numpy()
+            expected = (got.astype(np.float32) - module.zero_point.float().numpy()) * module.scale.numpy()
+            quantizer_mismatches += int(np.count_nonzero(deq != expected))
     total = differing = max_diff = 0
     for codes, got in pairs:
         if codes.shape != got.shape:
@@ -145,4 +171,4 @@ def check_codes(
         total += diff.size
         differing += int(np.count_nonzero(diff))
         max_diff = max(max_diff, int(diff.max()) if diff.size else 0)
-    return CodeAgreement(total, differing, max_diff)
+    return CodeAgreement(total, differing, max_diff, quantizer_mismatches)
