@@ -26,7 +26,10 @@ on all 512 calibration samples, and whether the ONNX bytes were identical in eve
 Fixed inputs: the zoo's seeded models (``make(name)``, seed 0); calibration data = 16 batches of
 32 samples of ``torch.randn`` of the model's input shape, from ``torch.Generator().manual_seed(7)``.
 ``torch.set_num_threads(1)`` (and one inter-op thread) for stable numbers; onnxruntime sessions in
-the parity checks are single-threaded too. One untimed warm-up run (mlp, max) precedes the
+the parity checks are single-threaded too. Like ``timeit``, garbage is collected (``gc.collect()``,
+untimed) before every run: otherwise Python's automatic full (generation-2) collection over the
+large heap torch.export builds lands inside every third or so lowering and adds ~0.3 s to it
+(``--gc-in-timings`` keeps that behaviour). One untimed warm-up run (mlp, max) precedes the
 measurements so one-time imports and exporter initialisation are not charged to the first model.
 
 Usage::
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import importlib
 import json
@@ -202,25 +206,33 @@ def machine() -> dict[str, object]:
     }
 
 
+def _exact(mismatches: int | None) -> str:
+    if mismatches is None:
+        return "n/a"
+    return "yes" if mismatches == 0 else f"no ({mismatches})"
+
+
 def tables(results: list[dict[str, object]], repeats: int) -> str:
     head = (
         f"Times in ms: median (min–max) over {repeats} repeats, each on a fresh capture. "
         "`amax + insert-qdq` is the InsertQDQ pass, `amax` its calibrator share; "
         "`pipeline` = all five passes incl. the verifier after each. Parity (max relative output "
-        "error, onnxruntime vs torch fake-quant) and activation-code agreement on all 512 "
-        "calibration samples.\n\n"
+        "error, onnxruntime vs torch fake-quant) and activation-code agreement (end to end; "
+        "bit-exact = torch's quantizer gives ORT's codes on ORT's own quantizer inputs) on all "
+        "512 calibration samples.\n\n"
     )
     cols = ["calibrate", "amax", "insert_qdq", "pipeline", "lower"]
     lines = [
-        "| model | calibrator | " + " | ".join(METRICS[c] for c in cols) + " | max rel. err | codes equal (max diff) |",
-        "|" + "---|" * (len(cols) + 4),
+        "| model | calibrator | " + " | ".join(METRICS[c] for c in cols) + " | max rel. err | codes equal (max diff) | quantizers bit-exact |",
+        "|" + "---|" * (len(cols) + 5),
     ]
     for r in results:
         s = r["seconds"]
         lines.append(
             f"| {r['model']} | {r['calibrator']} | "
             + " | ".join(spread(s[c]) for c in cols)
-            + f" | {r['parity_max_relative']:.2e} | {100 * r['codes_fraction_equal']:.3f}% (≤{r['codes_max_diff']}) |"
+            + f" | {r['parity_max_relative']:.2e} | {100 * r['codes_fraction_equal']:.3f}% (≤{r['codes_max_diff']})"
+            + f" | {_exact(r['quantizer_mismatches'])} |"
         )
     split_cols = ["lower_torch_export", "lower_onnx_export", "lower_cleanup", "lower_checker"]
     lines += [
@@ -252,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results_lower.json", help="JSON output path")
     parser.add_argument("--models", nargs="*", default=sorted(ZOO), help="zoo models (default: all)")
     parser.add_argument("--calibrators", nargs="*", default=list(CALIBRATORS), help="default: all four")
+    parser.add_argument(
+        "--gc-in-timings",
+        action="store_true",
+        help="do not gc.collect() (untimed) before every run: an automatic full collection then "
+        "lands inside every few runs",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -281,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             # calibrators interleaved within each repeat, so that background load spreads evenly
             for _ in range(args.repeats):
                 for calibrator in args.calibrators:
+                    if not args.gc_in_timings:
+                        gc.collect()
                     seconds, gm, data = run_once(name, calibrator, calib, split)
                     for k, v in seconds.items():
                         samples[calibrator][k].append(v)
@@ -299,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                     "codes_differing": codes.differing,
                     "codes_max_diff": codes.max_diff,
                     "codes_fraction_equal": codes.fraction_equal,
+                    # codes that differ when torch quantizes the very tensor ORT quantized
+                    # (0: the quantizers are bit-exact; older qgraph.parity lacks the field)
+                    "quantizer_mismatches": getattr(codes, "quantizer_mismatches", None),
                     "onnx_bytes": len(data),
                     "onnx_bytes_identical_across_repeats": len(digests[calibrator]) == 1,
                     "activation_quantizers": sum(
@@ -330,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_seed": MODEL_SEED,
         },
         "machine": machine(),
+        "gc_collect_before_each_run": not args.gc_in_timings,
         "total_wall_s": total,
         # other processes on the machine make the numbers noisier; recorded for honesty
         "loadavg_1_5_15_before": load_before,

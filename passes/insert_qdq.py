@@ -51,9 +51,12 @@ class InsertQDQ(Pass):
             scale = symmetric_scale(torch.tensor(observer.amax()), observer.spec)
             name = unique_attr_name(gm, node.target.replace("obs_", "fq_", 1))
             gm.add_module(name, FakeQuant(observer.spec, scale))
-            old_target = node.target
-            node.target = name
-            delattr(gm, old_target)
+            with gm.graph.inserting_before(node):
+                fq_node = gm.graph.call_module(name, node.args)  # named after its module
+            fq_node.meta = dict(node.meta)
+            node.replace_all_uses_with(fq_node)
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
             replaced += 1
         return replaced
 
