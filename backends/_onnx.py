@@ -45,17 +45,18 @@ def _fake_quant_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # 
 def export_onnx(
     gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, opset: int
 ) -> ir.Model:
-    """Export a (fake-quantized) GraphModule to an onnx-ir model, batch axis dynamic."""
-    from qgraph.capture import export_program
+    """Export a (fake-quantized) GraphModule to an onnx-ir model; dims symbolic in ``gm`` stay dynamic.
+
+    ``example_inputs`` should have at least 2 samples on a dynamic batch axis (size 1 would
+    specialise it).
+    """
+    from qgraph.capture import dynamic_shapes_of
 
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        try:
-            program = export_program(gm, example_inputs)
-        except Exception:  # a batch-specialised graph: export with static shapes
-            program = export_program(gm, example_inputs, dynamic_batch=False)
+        program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes_of(gm))
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
@@ -125,13 +126,22 @@ def _fold_weight_quantize(model: ir.Model) -> None:
         axis_attr = node.attributes.get("axis")
         axis = axis_attr.as_int() if axis_attr is not None and scale.ndim else 0
         codes = _quantize(x, scale, zp, axis)
-        name = f"{node.inputs[0].name}_quantized"
+        name = _free_name(graph, f"{node.inputs[0].name}_quantized")
         init = ir.Value(name=name, const_value=ir.tensor(codes, name=name))
         init.shape = ir.Shape(codes.shape)
         init.type = ir.TensorType(ir.DataType.from_numpy(codes.dtype))
         graph.register_initializer(init)
         node.outputs[0].replace_all_uses_with(init)
         graph.remove(node, safe=True)
+
+
+def _free_name(graph: ir.Graph, base: str) -> str:
+    """An initializer name not yet used (one weight may be quantized on two axes)."""
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
 
 
 def _quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
@@ -161,7 +171,7 @@ def _fold_weight_transpose(model: ir.Model) -> None:
             continue
         old = node.inputs[0]
         codes_t = np.ascontiguousarray(codes.transpose(perm))
-        name = f"{old.name}_t"
+        name = _free_name(graph, f"{old.name}_t")
         init = ir.Value(name=name, const_value=ir.tensor(codes_t, name=name))
         init.shape = ir.Shape(codes_t.shape)
         init.type = ir.TensorType(ir.DataType.from_numpy(codes_t.dtype))

@@ -138,6 +138,7 @@ def _groups(node: torch.fx.Node) -> int:
 
 
 def _axis(gm: torch.fx.GraphModule, weight: torch.fx.Node, axis: int | None) -> int | None:
-    if axis is None or axis >= 0:
-        return axis
-    return constant_value(gm, weight).dim() + axis
+    rank = constant_value(gm, weight).dim()
+    if axis is None or rank < 2:
+        return None  # a rank-1 constant has no channel axis: one scale
+    return axis % rank

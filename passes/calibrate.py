@@ -48,7 +48,15 @@ class Calibrate(Pass):
         try:
             with torch.no_grad():
                 for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
-                    graph(*_as_args(batch, names))
+                    try:
+                        graph(*_as_args(batch, names))
+                    except QGraphError:
+                        raise
+                    except Exception as exc:
+                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        raise QGraphError(
+                            f"the model failed on calibration batch {batches}: {first}"
+                        ) from None
                     batches += 1
         finally:
             for m in observers:

@@ -36,6 +36,10 @@ class InsertObservers(Pass):
             raise PreconditionError(
                 f"unknown calibrator {calibrator!r} (known: {', '.join(CALIBRATORS)})"
             )
+        if not isinstance(bins, int) or bins < 128:
+            raise PreconditionError(f"bins must be an integer >= 128, got {bins!r}")
+        if not 0.0 < float(percentile) <= 100.0:
+            raise PreconditionError(f"percentile must be in (0, 100], got {percentile}")
         self.calibrator = calibrator
         self.percentile = float(percentile)
         self.bins = int(bins)

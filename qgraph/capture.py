@@ -20,7 +20,7 @@ import torch.fx
 
 from qgraph._errors import InputError
 
-__all__ = ["capture", "load_pt2", "export_program", "input_specs"]
+__all__ = ["capture", "load_pt2", "export_program", "input_specs", "dynamic_shapes_of"]
 
 
 def _batch_dynamic_shapes(example_inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -36,6 +36,25 @@ def export_program(
     if shapes is not None and any(p.kind is p.VAR_POSITIONAL for p in params):
         shapes = (shapes,)  # forward(*inputs): one entry for the whole tuple
     return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
+
+
+def dynamic_shapes_of(gm: torch.fx.GraphModule) -> tuple | None:
+    """``dynamic_shapes`` for re-exporting ``gm``: exactly the dims that are symbolic in its inputs.
+
+    A program captured with a static batch stays static; one with a dynamic sequence length keeps
+    it dynamic. None when every input is static.
+    """
+    shapes = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            dims = {
+                i: torch.export.Dim.AUTO
+                for i, d in enumerate(getattr(val, "shape", ()))
+                if not isinstance(d, int)
+            }
+            shapes.append(dims or None)
+    return tuple(shapes) if any(shapes) else None
 
 
 def _to_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

@@ -53,6 +53,10 @@ def _lower(args: argparse.Namespace) -> int:
     if args.pipeline and args.calibrator:
         raise InputError("give --calibrator or --pipeline, not both (put the calibrator in the spec)")
     check_writable(args.output)
+    if args.dump_dir and Path(args.dump_dir).exists() and not Path(args.dump_dir).is_dir():
+        raise InputError(f"--dump-dir {args.dump_dir}: exists and is not a folder")
+    if args.parity_samples < 1:
+        raise InputError(f"--parity-samples must be >= 1, got {args.parity_samples}")
     start = time.perf_counter()
     result = lower_file(
         args.model,
@@ -103,9 +107,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise InputError(f"{path}: not a valid ONNX model") from None
+        model = onnx.load(str(path))  # external data is read from beside the model
+    except Exception as exc:
+        raise InputError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
     report = module.inspect_model(model)
     print(report.summary())
     return 1 if report.violations else 0

@@ -26,17 +26,22 @@ class CalibrationData:
         path: a ``.npz`` file or a folder of ``.npz`` files.
         inputs: the model's inputs as ``(name, shape, dtype)``; None in a shape is a dynamic dim.
         batch_size: samples per batch.
+        exact: every batch has exactly ``batch_size`` samples (a program with a static batch);
+            the samples that do not fill a last batch are left out.
 
     Raises:
         InputError: naming the file and array when data is missing, mis-shaped, empty or not finite.
     """
 
-    def __init__(self, path: str | Path, inputs: list[InputSpec], batch_size: int = 32) -> None:
+    def __init__(
+        self, path: str | Path, inputs: list[InputSpec], batch_size: int = 32, *, exact: bool = False
+    ) -> None:
         self.path = Path(path)
         self.inputs = inputs
         if batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.exact = exact
         if self.path.is_dir():
             self.files = sorted(self.path.glob("*.npz"))
             if not self.files:
@@ -46,6 +51,10 @@ class CalibrationData:
         else:
             raise InputError(f"{self.path}: no such calibration file or folder")
         self.samples = sum(self._check(f) for f in self.files)
+        if exact and self.samples < batch_size:
+            raise InputError(
+                f"{self.path}: {self.samples} samples, but the model's batch is fixed at {batch_size}"
+            )
 
     def _open(self, file: Path) -> np.lib.npyio.NpzFile:
         if not zipfile.is_zipfile(file):
@@ -63,7 +72,10 @@ class CalibrationData:
                 if name not in npz.files:
                     have = ", ".join(npz.files) or "nothing"
                     raise InputError(f"{file}: no array for model input {name!r} (has: {have})")
-                array = npz[name]
+                try:
+                    array = npz[name]
+                except Exception as exc:
+                    raise InputError(f"{file}: array {name!r} cannot be read ({exc})") from None
                 _check_array(file, name, array, shape, dtype)
                 counts.add(array.shape[0])
             if len(counts) > 1:
@@ -75,6 +87,8 @@ class CalibrationData:
             with self._open(file) as npz:
                 arrays = [npz[name] for name, _, _ in self.inputs]
             n = arrays[0].shape[0]
+            if self.exact:
+                n -= n % self.batch_size
             for start in range(0, n, self.batch_size):
                 yield tuple(
                     torch.from_numpy(np.ascontiguousarray(a[start : start + self.batch_size]))
@@ -88,7 +102,7 @@ class CalibrationData:
         for file in self.files:
             with self._open(file) as npz:
                 n = npz[self.inputs[0][0]].shape[0]
-            total += -(-n // self.batch_size)
+            total += n // self.batch_size if self.exact else -(-n // self.batch_size)
         return total
 
     def take(self, samples: int) -> tuple[torch.Tensor, ...]:
@@ -96,6 +110,8 @@ class CalibrationData:
         parts: list[list[torch.Tensor]] = [[] for _ in self.inputs]
         have = 0
         for batch in self:
+            if parts[0] and any(b.shape[1:] != p[0].shape[1:] for b, p in zip(batch, parts)):
+                break  # a file with another (dynamic) size: parity runs on the first shape only
             for part, tensor in zip(parts, batch):
                 part.append(tensor)
             have += batch[0].shape[0]

@@ -113,16 +113,24 @@ def lower_file(
     gm = load_model(model_path)
     if calib_path is None:
         raise InputError("--calib DATA is required: PTQ needs calibration data")
-    data = CalibrationData(calib_path, input_specs(gm), batch_size)
+    specs = input_specs(gm)
+    static_batch = specs[0][1][0] if specs and specs[0][1] else None
+    if static_batch is not None:
+        batch_size = static_batch  # the program was exported with a fixed batch: feed exactly that
+    data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
     spec = pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator)
     counts, seconds = quantize(
         gm, data, rules=module.RULES[precision], pipeline=spec, progress=progress, dump_dir=dump_dir
     )
-    if any(type(m).__name__ == "Observer" for m in gm.modules()):
+    kinds = {type(m).__name__ for m in gm.modules()}
+    if "Observer" in kinds:
         raise QGraphError("pipeline left observers in the graph: end it with `insert-qdq`")
-    sample = data.take(min(parity_samples, data.samples))
+    if "FakeQuant" not in kinds:
+        raise QGraphError("pipeline quantized nothing: it needs annotate, insert-observers, calibrate, insert-qdq")
+    sample = data.take(static_batch or min(parity_samples, data.samples))
+    example = sample if static_batch or sample[0].shape[0] >= 2 else tuple(torch.cat([t, t]) for t in sample)
     start = time.perf_counter()
-    onnx_bytes = module.lower(gm, sample)
+    onnx_bytes = module.lower(gm, example)
     lower_seconds = time.perf_counter() - start
     parity = check_parity(gm, onnx_bytes, sample)
     codes = check_codes(gm, onnx_bytes, sample)

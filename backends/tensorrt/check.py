@@ -93,7 +93,7 @@ def _is_constant_input(value: ir.Value | None) -> bool:
     return _const(source) is not None
 
 
-def _weight_axis(node: ir.Node, rank: int) -> int:
+def _weight_axis(node: ir.Node, rank: int, index: int) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
@@ -101,7 +101,20 @@ def _weight_axis(node: ir.Node, rank: int) -> int:
     if node.op_type == "Gemm":
         trans_b = node.attributes.get("transB")
         return 0 if trans_b is not None and trans_b.as_int() else 1
-    return rank - 1  # MatMul (K, N): output channels on the last axis
+    # MatMul: a right operand (K, N) has its output channels last, a left one (M, K) on axis -2
+    return rank - 1 if index == 1 else rank - 2
+
+
+def _weight_rank(deq: ir.Node) -> int:
+    """Rank of a dequantized weight, read off its constant (shape info may be missing)."""
+    source = deq.inputs[0]
+    q = _producer(source)
+    if q is not None and q.op_type == "QuantizeLinear":
+        source = q.inputs[0]
+    const = _const(source)
+    if const is not None:
+        return const.ndim
+    return len(deq.outputs[0].shape) if deq.outputs[0].shape is not None else 2
 
 
 def inspect_model(model: onnx.ModelProto) -> InspectReport:
@@ -162,7 +175,7 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
     if not quantized:
         report.warnings.append(f"{node.name}: {node.op_type} left in float")
         return
-    for value in inputs:
+    for index, value in enumerate(inputs):
         deq = _producer(value)
         scale = _const(deq.inputs[1])
         per_channel = scale is not None and scale.size > 1
@@ -173,11 +186,12 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
         if not per_channel:
             report.warnings.append(f"{node.name}: weight {value.name} is per-tensor")
             continue
-        rank = len(value.shape) if value.shape is not None else 2
+        rank = _weight_rank(deq)
         axis_attr = deq.attributes.get("axis")
         axis = (axis_attr.as_int() if axis_attr is not None else 1) % rank
-        if axis != _weight_axis(node, rank):
+        expected = _weight_axis(node, rank, index)
+        if axis != expected:
             report.violations.append(
                 f"{node.name}: weight {value.name} quantized on axis {axis}, "
-                f"expected the output-channel axis {_weight_axis(node, rank)}"
+                f"expected the output-channel axis {expected}"
             )

@@ -2,7 +2,7 @@
 
 * Q/DQ on every input of Conv, ConvTranspose, Gemm and MatMul: activations per tensor, weights per
   output channel (axis 0 for Conv OIHW and Linear (out, in); axis 1 for ConvTranspose; the last
-  axis for a constant MatMul operand (K, N)).
+  axis of a constant right MatMul operand (K, N), axis -2 of a constant left one (M, K)).
 * Symmetric, zero-point 0; no Q/DQ on the outputs of weighted ops by default.
 * Residual Add after a weighted op: Q/DQ on the *other* (identity) input so the Add fuses into the
   weighted op with an int8 output.
@@ -38,7 +38,9 @@ INT8 = BackendRules(
         "ConvTranspose": OpRule(inputs=(_ACT, InputRule(1, "weight", weight_axis=1)), max_groups=1),
         "Gemm": OpRule(inputs=(_ACT, InputRule(1, "weight", weight_axis=0))),
         "MatMul": OpRule(
-            inputs=(InputRule(0, "either", weight_axis=-1), InputRule(1, "either", weight_axis=-1))
+            # a constant left operand W (M, K) has its output channels on axis -2; a right one
+            # W (K, N) on axis -1 (rank-1 constants get one scale: see annotate)
+            inputs=(InputRule(0, "either", weight_axis=-2), InputRule(1, "either", weight_axis=-1))
         ),
         "Add": OpRule(residual=True),
         "MaxPool": OpRule(inputs=(_ACT,)),
