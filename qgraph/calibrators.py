@@ -2,7 +2,7 @@
 
 :class:`AbsHistogram` keeps counts of ``|x|`` in bins whose width is a power of two. When a
 batch exceeds the covered range, adjacent bins are merged in pairs and the width doubles, so the
-histogram stays exact (no re-binning error), its memory stays bounded (at most ``2 * bins``
+histogram stays exact (no re-binning error), its memory stays bounded (at most ``bins``
 counters), and two histograms — from two batches or two processes — merge exactly and in any order.
 
 Calibrators turn the histogram into an ``amax`` (the clipping threshold of a symmetric range):
@@ -37,8 +37,8 @@ class AbsHistogram:
     """Exact streaming histogram of |x| with power-of-two bin width.
 
     Args:
-        bins: target resolution; the histogram holds between ``bins/2`` and ``2*bins`` bins
-            once it has seen data.
+        bins: target resolution; the histogram holds between ``bins/2`` and ``bins`` bins
+            once it has seen data (bin width: the smallest power of two >= max|x| / bins).
     """
 
     def __init__(self, bins: int = 2048) -> None:
@@ -51,7 +51,9 @@ class AbsHistogram:
 
     def _grow(self, needed: int) -> None:
         counts = self.counts
-        while needed > 2 * self.bins:
+        # the same criterion as the first width (m / width <= bins), so the width is a function of
+        # the running max alone and does not depend on the order the batches came in
+        while needed > self.bins:
             if counts.numel() % 2:
                 counts = torch.cat([counts, counts.new_zeros(1)])
             counts = counts.view(-1, 2).sum(1)
@@ -83,6 +85,8 @@ class AbsHistogram:
         # Bin i holds [i*width, (i+1)*width): a value on the top edge gets a bin of its own rather
         # than being clamped into the one below, so pairwise merges (here and in `merge`) stay exact.
         self._grow(math.floor(m / self.width) + 1)
+        if self.width < 2.0**-100:  # float32 would underflow the width (subnormal data)
+            a = a.to(torch.float64)
         idx = torch.clamp((a / self.width).floor_().to(torch.int64), max=self.counts.numel() - 1)
         self.counts += torch.bincount(idx, minlength=self.counts.numel())
 
@@ -105,7 +109,7 @@ class AbsHistogram:
                 theirs = torch.cat([theirs, theirs.new_zeros(1)])
             theirs, their_width = theirs.view(-1, 2).sum(1), their_width * 2
         while self.width < their_width:
-            self._grow(2 * self.bins + 1)  # forces one pairwise merge
+            self._grow(self.bins + 1)  # forces one pairwise merge
         self._grow(max(self.counts.numel(), theirs.numel()))
         self.counts[: theirs.numel()] += theirs
 

@@ -90,12 +90,12 @@ def test_growth_keeps_total_amax_and_exact_counts():
 
 
 def test_value_on_top_edge_then_growth_is_binned_by_floor():
-    # bins=8: [1.0] alone gets width 1/8 and 1.0 sits exactly on the top edge (8 * 1/8); after
-    # [3.0] widens the bins to 1/4, 1.0 must be in bin 4 = floor(1.0 / 0.25), as numpy puts it.
+    # bins=8: [1.0] alone gets width 1/4 (1/8 would need a 9th bin for the top edge); after [3.0]
+    # widens the bins to 1/2, 1.0 must be in bin 2 = floor(1.0 / 0.5), as numpy puts it.
     h = _hist_of([1.0], [3.0], bins=8)
     counts, width = h.state()
-    assert width == 0.25
-    assert counts[4] == 1 and counts[12] == 1 and counts.sum() == 2
+    assert width == 0.5
+    assert counts[2] == 1 and counts[6] == 1 and counts.sum() == 2
     ref = _numpy_hist(np.array([1.0, 3.0]), width, counts.size)
     np.testing.assert_array_equal(counts, _trim(ref))
 
@@ -281,3 +281,19 @@ def test_unknown_calibrator_raises():
     _, h = _gauss(100)
     with pytest.raises(QGraphError, match="unknown calibrator 'minmax'"):
         compute_amax(h, "minmax")
+
+
+def test_width_does_not_depend_on_batch_order():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal(1000) * 0.01, rng.standard_normal(1000) * 10
+    forward, backward = _hist_of(a, b, bins=256), _hist_of(b, a, bins=256)
+    assert forward.state()[1] == backward.state()[1]
+    np.testing.assert_array_equal(forward.state()[0], backward.state()[0])
+    for calibrator in ("percentile", "mse", "entropy"):
+        assert compute_amax(forward, calibrator) == compute_amax(backward, calibrator)
+
+
+def test_subnormal_values_are_binned():
+    h = AbsHistogram(bins=64)
+    h.update(torch.tensor([1e-44, -2e-44, 3e-45]))
+    assert h.total == 3 and h.state()[0].sum() == 3
