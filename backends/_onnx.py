@@ -67,6 +67,7 @@ def export_onnx(
             verbose=False,
         )
     model = onnx_program.model
+    _restore_io_names(model, gm.meta.get("qgraph.input_names"), gm.meta.get("qgraph.output_names"))
     _name_batch_dim(model)
     _fold_weight_quantize(model)
     _fold_weight_transpose(model)
@@ -84,6 +85,22 @@ def serialize(model: ir.Model) -> bytes:
     except onnx.checker.ValidationError as exc:
         raise QGraphError(f"lowered model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     return proto.SerializeToString(deterministic=True)
+
+
+def _restore_io_names(model: ir.Model, inputs: list[str] | None, outputs: list[str] | None) -> None:
+    """Give the graph inputs/outputs the source model's names (serving code looks them up)."""
+    pairs = []
+    if inputs and len(inputs) == len(model.graph.inputs):
+        pairs += list(zip(model.graph.inputs, inputs))
+    if outputs and len(outputs) == len(model.graph.outputs):
+        pairs += list(zip(model.graph.outputs, outputs))
+    wanted = {name for _, name in pairs}
+    for value in _all_values(model.graph):
+        if value.name in wanted and all(value is not v for v, _ in pairs):
+            value.name = f"{value.name}__qgraph"  # free the name for the graph input/output
+    for value, name in pairs:
+        if value.name != name and not (value.is_graph_input() and value in model.graph.outputs):
+            value.name = name
 
 
 def _name_batch_dim(model: ir.Model) -> None:

@@ -57,8 +57,20 @@ def dynamic_shapes_of(gm: torch.fx.GraphModule) -> tuple | None:
     return tuple(shapes) if any(shapes) else None
 
 
+#: GraphModule.meta keys: the model's own input/output names (fx may rename placeholders, e.g.
+#: ``input`` → ``input_1``); calibration data and the lowered ONNX use these.
+INPUT_NAMES = "qgraph.input_names"
+OUTPUT_NAMES = "qgraph.output_names"
+
+
 def _to_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     gm = copy.deepcopy(program.module())
+    user_inputs = [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    gm.meta[INPUT_NAMES] = user_inputs
     for node in list(gm.graph.nodes):
         # torch.export's input-shape guard; qgraph re-exports with its own shapes.
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -97,14 +109,19 @@ def load_pt2(path: str | Path) -> torch.fx.GraphModule:
 
 
 def input_specs(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:
-    """``(name, shape, dtype)`` of every graph input; dynamic dimensions are None."""
+    """``(name, shape, dtype)`` of every graph input, under the model's own input names; dynamic
+    dimensions are None."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = gm.meta.get(INPUT_NAMES) or [n.name for n in placeholders]
+    if len(names) != len(placeholders):
+        names = [n.name for n in placeholders]
     specs = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    for node, name in zip(placeholders, names):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
-            raise InputError(f"model input {node.name!r} is not a tensor")
+            raise InputError(f"model input {name!r} is not a tensor")
+        if not val.dtype.is_floating_point:
+            raise InputError(f"model input {name!r} is {val.dtype}; only float inputs are supported")
         shape = tuple(d if isinstance(d, int) else None for d in val.shape)
-        specs.append((node.name, shape, val.dtype))
+        specs.append((name, shape, val.dtype))
     return specs

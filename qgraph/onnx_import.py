@@ -86,9 +86,23 @@ def _reshape(node, x, shape):  # noqa: ANN001, ANN202
     shape = [int(s) for s in shape]
     if not _attr(node, "allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    if shape and shape[0] > 0 and -1 not in shape[1:]:
-        shape[0] = -1  # keep the batch dimension dynamic
+    if node.dynamic_batch and shape and isinstance(shape[0], int) and shape[0] > 0:
+        if -1 in shape[1:]:
+            raise InputError(
+                f"node {node.name}: Reshape to {shape} fixes the batch at {shape[0]} although the "
+                "model's batch is dynamic; re-export the model with a dynamic or a static batch"
+            )
+        shape[0] = -1  # a batch the exporter baked into a flatten-like reshape stays dynamic
     return torch.reshape(x, shape)
+
+
+def _softmax(node, x):  # noqa: ANN001, ANN202
+    if node.opset >= 13:
+        return torch.softmax(x, _attr(node, "axis", -1))
+    # opset < 13: softmax over all dims from `axis` (default 1) flattened together
+    axis = _attr(node, "axis", 1) % x.dim()
+    flat = torch.reshape(x, (*x.shape[:axis], -1))
+    return torch.reshape(torch.softmax(flat, -1), x.shape)
 
 
 def _flatten(node, x):  # noqa: ANN001, ANN202
@@ -153,7 +167,7 @@ SUPPORTED_OPS = {
     "Erf": (lambda n, x: torch.erf(x), ()),
     "Gelu": (_gelu, ()),
     "Clip": (_clip, (1, 2)),
-    "Softmax": (lambda n, x: torch.softmax(x, _attr(n, "axis", -1)), ()),
+    "Softmax": (_softmax, ()),
     "MaxPool": (lambda n, x: _pool(n, x, "max"), ()),
     "AveragePool": (lambda n, x: _pool(n, x, "avg"), ()),
     "GlobalAveragePool": (lambda n, x: F.adaptive_avg_pool2d(x, 1) if x.dim() == 4 else torch.mean(x, list(range(2, x.dim())), keepdim=True), ()),
@@ -174,7 +188,9 @@ SUPPORTED_OPS = {
 class _Node:
     """One ONNX node held as plain data (attributes by value), for the interpreter below."""
 
-    def __init__(self, node: ir.Node) -> None:
+    def __init__(self, node: ir.Node, opset: int, dynamic_batch: bool) -> None:
+        self.opset = opset
+        self.dynamic_batch = dynamic_batch
         self.name = node.name or node.op_type
         self.op_type = node.op_type
         self.attributes = {k: _Attr(v.value) for k, v in node.attributes.items()}
@@ -198,8 +214,13 @@ class _OnnxModule(torch.nn.Module):
     are plain tensors or python lists (shapes, axes).
     """
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, opset: int) -> None:
         super().__init__()
+        dynamic_batch = any(
+            v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
+            for v in graph.inputs
+            if v.const_value is None
+        )
         self.input_names = [v.name for v in graph.inputs if v.const_value is None]
         self.output_names = [v.name for v in graph.outputs]
         self.nodes: list[_Node] = []
@@ -218,8 +239,9 @@ class _OnnxModule(torch.nn.Module):
                     f"node {node.name or node.op_type}: ONNX op {node.op_type} is not supported by the "
                     f"ONNX reader (supported: {', '.join(sorted(SUPPORTED_OPS))})"
                 )
-            self.nodes.append(_Node(node))
+            self.nodes.append(_Node(node, opset, dynamic_batch))
         self._fuse_linear()
+        self._transpose_gemm_weights()
         for node in self.nodes:
             _, list_inputs = SUPPORTED_OPS[node.op_type]
             for i, name in enumerate(node.inputs):
@@ -263,6 +285,17 @@ class _OnnxModule(torch.nn.Module):
             node.outputs = add.outputs
             fused.append(add)
         self.nodes = [n for n in self.nodes if n not in fused]
+
+    def _transpose_gemm_weights(self) -> None:
+        """Gemm(A, B) with constant B and transB=0: store B transposed so it stays a constant."""
+        for node in self.nodes:
+            b = self.consts.get(node.inputs[1]) if node.op_type == "Gemm" else None
+            if b is None or b.ndim != 2 or _attr(node, "transB", 0):
+                continue
+            name = f"{node.inputs[1]}.T"
+            self.consts[name] = np.ascontiguousarray(b.T)
+            node.inputs[1] = name
+            node.attributes["transB"] = _Attr(1)
 
     def _value(self, env: dict, name: str, as_list: bool) -> object:
         if not name:
@@ -324,21 +357,26 @@ def load_onnx(path: str | Path, batch: int = 2) -> torch.fx.GraphModule:
     Raises:
         InputError: the file is not ONNX, is already quantized, or uses an op the reader lacks.
     """
-    from qgraph.capture import capture
+    from qgraph.capture import INPUT_NAMES, OUTPUT_NAMES, capture
 
     path = Path(path)
     try:
         proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
     except Exception:
         raise InputError(f"{path}: neither a torch.export .pt2 archive nor a valid ONNX model") from None
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: invalid ONNX model ({first})") from None
     if proto.opset_import and min(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < 11:
         raise InputError(f"{path}: opset below 11 is not supported")
     quantized = [n.op_type for n in proto.graph.node if "Quantize" in n.op_type or n.op_type.startswith("QLinear")]
     if quantized:
         raise InputError(f"{path}: model is already quantized ({quantized[0]} found); pass a float model")
     model = ir.serde.deserialize_model(proto)
-    module = _OnnxModule(model.graph)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 11)
+    module = _OnnxModule(model.graph, opset)
     examples = []
     for value in model.graph.inputs:
         if value.const_value is not None:
@@ -352,8 +390,6 @@ def load_onnx(path: str | Path, batch: int = 2) -> torch.fx.GraphModule:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot capture the imported model ({first})") from None
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, module.input_names):
-        node.name = node.target = _py_name(name)
-    gm.recompile()
+    gm.meta[INPUT_NAMES] = list(module.input_names)
+    gm.meta[OUTPUT_NAMES] = list(module.output_names)
     return gm

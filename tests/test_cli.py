@@ -158,7 +158,7 @@ def test_zero_range_inside_the_graph(tmp_path, capsys):
     path = tmp_path / "dead.pt2"
     x = torch.ones(4, 8)
     torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
-    err = _bad(tmp_path, path, _npz(tmp_path, input_1=np.ones((8, 8), np.float32)), capsys)
+    err = _bad(tmp_path, path, _npz(tmp_path, input=np.ones((8, 8), np.float32)), capsys)
     assert "saw only zeros (zero range" in err
 
 
