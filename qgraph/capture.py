@@ -87,10 +87,22 @@ def capture(
     example_inputs: tuple[torch.Tensor, ...],
     *,
     dynamic_batch: bool = True,
+    dynamic_shapes: object = None,
 ) -> torch.fx.GraphModule:
-    """Capture ``module`` (put in eval mode on a copy) as an fx GraphModule via torch.export."""
+    """Capture ``module`` (put in eval mode on a copy) as an fx GraphModule via torch.export.
+
+    Args:
+        module: the model; it is copied, never modified.
+        example_inputs: one tensor per input; use a batch of at least 2 (1 would specialise it).
+        dynamic_batch: make axis 0 of every input dynamic.
+        dynamic_shapes: torch.export ``dynamic_shapes`` to use instead (overrides ``dynamic_batch``).
+    """
     module = copy.deepcopy(module).eval()
-    return _to_graph_module(export_program(module, example_inputs, dynamic_batch=dynamic_batch))
+    if dynamic_shapes is not None:
+        program = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    else:
+        program = export_program(module, example_inputs, dynamic_batch=dynamic_batch)
+    return _to_graph_module(program)
 
 
 def load_pt2(path: str | Path) -> torch.fx.GraphModule:

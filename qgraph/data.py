@@ -50,7 +50,14 @@ class CalibrationData:
             self.files = [self.path]
         else:
             raise InputError(f"{self.path}: no such calibration file or folder")
+        self._nonzero: set[str] = set()
         self.samples = sum(self._check(f) for f in self.files)
+        for name, _, dtype in self.inputs:
+            if dtype.is_floating_point and name not in self._nonzero:
+                raise InputError(
+                    f"{self.path}: input {name!r} is all zeros in every sample "
+                    "(zero range: no scale can be calibrated)"
+                )
         if exact and self.samples < batch_size:
             raise InputError(
                 f"{self.path}: {self.samples} samples, but the model's batch is fixed at {batch_size}"
@@ -77,6 +84,8 @@ class CalibrationData:
                 except Exception as exc:
                     raise InputError(f"{file}: array {name!r} cannot be read ({exc})") from None
                 _check_array(file, name, array, shape, dtype)
+                if np.any(array):
+                    self._nonzero.add(name)
                 counts.add(array.shape[0])
             if len(counts) > 1:
                 raise InputError(f"{file}: inputs have different sample counts {sorted(counts)}")
@@ -136,8 +145,6 @@ def _check_array(file: Path, name: str, array: np.ndarray, shape: tuple, dtype: 
             raise InputError(f"{where} has shape {array.shape}, the model expects {_fmt(shape)}")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise InputError(f"{where} contains NaN or Inf")
-    if dtype.is_floating_point and array.dtype.kind == "f" and not np.any(array):
-        raise InputError(f"{where} is all zeros (zero range: no scale can be calibrated)")
 
 
 def _fmt(shape: tuple) -> str:

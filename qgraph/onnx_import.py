@@ -377,16 +377,19 @@ def load_onnx(path: str | Path, batch: int = 2) -> torch.fx.GraphModule:
     model = ir.serde.deserialize_model(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 11)
     module = _OnnxModule(model.graph, opset)
-    examples = []
+    examples, dynamic = [], []
     for value in model.graph.inputs:
         if value.const_value is not None:
             continue
-        dims = [d if isinstance(d, int) else batch for d in (value.shape or [])]
         if value.dtype not in (ir.DataType.FLOAT, None):
             raise InputError(f"{path}: input {value.name} is {value.dtype}; only float inputs are supported")
+        shape = list(value.shape or [])
+        # symbolic dims stay dynamic; example sizes: batch 2, any other symbolic dim 3
+        dims = [d if isinstance(d, int) else (batch if i == 0 else batch + 1) for i, d in enumerate(shape)]
+        dynamic.append({i: torch.export.Dim.AUTO for i, d in enumerate(shape) if not isinstance(d, int)} or None)
         examples.append(torch.randn(dims))
     try:
-        gm = capture(module, tuple(examples))
+        gm = capture(module, tuple(examples), dynamic_shapes=(tuple(dynamic),) if any(dynamic) else None)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot capture the imported model ({first})") from None

@@ -129,15 +129,27 @@ def check_codes(
     onnx_codes = [fetched[n] for n in q_names]
     onnx_q_inputs = [all_values[n] for n in q_inputs]
 
+    # quantizers whose input is computed from constants alone (e.g. a transposed weight) are
+    # folded into initializers at export: they have no QuantizeLinear left to compare with
+    from_inputs: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in from_inputs for a in n.all_input_nodes):
+            from_inputs.add(n)
     order = [
         n.target
         for n in gm.graph.nodes
         if n.op == "call_module"
+        and n in from_inputs
         and isinstance(gm.get_submodule(n.target), FakeQuant)
         and gm.get_submodule(n.target).spec.role == "activation"
     ]
     if len(order) != len(onnx_codes):
-        raise ValueError(f"{len(order)} activation quantizers in torch, {len(onnx_codes)} in ONNX")
+        from qgraph._errors import QGraphError
+
+        raise QGraphError(
+            f"cannot pair quantizers: {len(order)} activation quantizers in torch, "
+            f"{len(onnx_codes)} QuantizeLinear in ONNX"
+        )
     torch_codes: dict[str, np.ndarray] = {}
 
     def hook(mod, args, out, name):  # noqa: ANN001, ANN202

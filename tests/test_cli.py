@@ -142,7 +142,7 @@ def test_missing_model(tmp_path, calib_file, capsys):
         ({"x": np.full((8, 64), np.nan, np.float32)}, "contains NaN or Inf"),
         ({"x": np.full((8, 64), np.inf, np.float32)}, "contains NaN or Inf"),
         ({"x": np.ones((0, 64), np.float32)}, "is empty"),
-        ({"x": np.zeros((8, 64), np.float32)}, "all zeros (zero range"),
+        ({"x": np.zeros((8, 64), np.float32)}, "is all zeros in every sample (zero range"),
     ],
 )
 def test_bad_calibration_data(tmp_path, model_file, capsys, arrays, message):
@@ -256,3 +256,35 @@ def test_onnx_with_unsupported_op(tmp_path, capsys):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     err = _bad(tmp_path, path, _npz(tmp_path, x=np.ones((4, 4), np.float32)), capsys)
     assert "ONNX op Cos is not supported" in err
+
+
+def test_matmul_with_transposed_and_left_constant_weights(tmp_path, capsys):
+    """`x @ W.t()` (a tied head) and `W @ x` lower cleanly; left weights use output-channel axis -2."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4))
+            self.left = torch.nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(x @ self.w.t())  # (N, 6)
+            return (self.left @ y.t()).t()  # (N, 5)
+
+    path = tmp_path / "tied.pt2"
+    x = torch.randn(4, 4)
+    torch.export.save(torch.export.export(Tied().eval(), (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
+    out = tmp_path / "o.onnx"
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32))
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib)]) == 0
+    printed = capsys.readouterr().out
+    assert "tensorrt rules: OK (2/2" in printed and "quantizers bit-exact on identical input: yes" in printed
+
+
+def test_zero_input_in_one_file_of_a_folder_is_fine(tmp_path, model_file, capsys):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=np.zeros((4, 64), np.float32))
+    np.savez(folder / "b.npz", x=np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(model_file), "-o", str(out), "--calib", str(folder), "-q"]) == 0
