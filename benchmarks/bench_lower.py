@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import gc
 import hashlib
-import importlib
 import json
 import os
 import platform
@@ -279,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         split.wrap(Observer, "amax", "amax"),
         split.wrap(_onnx, "export_onnx", "export_onnx"),
         split.wrap(_onnx, "serialize", "serialize"),
-        # `qgraph.capture` the attribute is the function; the module holds export_program
-        split.wrap(importlib.import_module("qgraph.capture"), "export_program", "torch_export"),
+        # the re-export inside `tensorrt.lower` (the capture's own export is cleared before lower)
+        split.wrap(torch.export, "export", "torch_export"),
         split.wrap(torch.onnx, "export", "onnx_export"),
     ]
     load_before = os.getloadavg()

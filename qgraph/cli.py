@@ -90,7 +90,7 @@ def _lower(args: argparse.Namespace) -> int:
         print(f"calibration: {result.calib_samples} samples in {calib:.2f} s")
         print(f"lowering to ONNX: {result.lower_seconds:.2f} s; total {time.perf_counter() - start:.2f} s")
         print(result.parity.summary())
-        print(result.codes.summary())
+        print(result.codes_summary())
         q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
         print(f"{args.backend} rules: OK ({q}/{n} weighted ops quantized)")
         print(f"wrote {args.output} ({len(result.onnx) / 1024:.1f} KiB)")

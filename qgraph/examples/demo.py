@@ -51,6 +51,6 @@ def run_demo(output: str, calibrator: str = "max") -> int:
     print(f"  FP32 accuracy: {fp32:.2f}%")
     print(f"  INT8 accuracy: {int8:.2f}%  (tensorrt int8, calibrator {calibrator}, {q}/{n} weighted ops quantized)")
     print(f"  {result.parity.summary()}")
-    print(f"  {result.codes.summary()}")
+    print(f"  {result.codes_summary()}")
     print(f"wrote {output}")
     return 0
