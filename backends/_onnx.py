@@ -55,7 +55,6 @@ def export_onnx(
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes_of(gm))
         onnx_program = torch.onnx.export(
             program,

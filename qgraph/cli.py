@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qgraph`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # exporter chatter is not for CLI users
     warnings.filterwarnings("ignore")
     handlers = {"lower": _lower, "inspect": _inspect, "demo": _demo}
     try:

@@ -134,7 +134,13 @@ def lower_file(
     sample = data.take(static_batch or min(parity_samples, data.samples))
     example = sample if static_batch or sample[0].shape[0] >= 2 else tuple(torch.cat([t, t]) for t in sample)
     start = time.perf_counter()
-    onnx_bytes = module.lower(gm, example)
+    try:
+        onnx_bytes = module.lower(gm, example)
+    except QGraphError:
+        raise
+    except Exception as exc:  # torch.export / torch.onnx refusing this model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QGraphError(f"export to ONNX failed: {first}") from None
     lower_seconds = time.perf_counter() - start
     parity = check_parity(gm, onnx_bytes, sample)
     try:
