@@ -27,7 +27,7 @@ import torch.fx
 
 from qgraph._errors import QGraphError
 
-__all__ = ["export_onnx", "serialize"]
+__all__ = ["export_onnx", "serialize", "const_array"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def export_onnx(
     ``example_inputs`` should have at least 2 samples on a dynamic batch axis (size 1 would
     specialise it).
     """
-    from qgraph.capture import dynamic_shapes_of
+    from qgraph.capture import INPUT_NAMES, OUTPUT_NAMES, dynamic_shapes_of
 
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -66,7 +66,7 @@ def export_onnx(
             verbose=False,
         )
     model = onnx_program.model
-    _restore_io_names(model, gm.meta.get("qgraph.input_names"), gm.meta.get("qgraph.output_names"))
+    _restore_io_names(model, gm.meta.get(INPUT_NAMES), gm.meta.get(OUTPUT_NAMES))
     _name_batch_dim(model)
     _fold_weight_quantize(model)
     _fold_weight_transpose(model)
@@ -125,10 +125,10 @@ def _all_values(graph: ir.Graph):  # noqa: ANN202
         yield from node.outputs
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind a value (initializer or Constant node), as numpy, or None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return tensor.numpy() if tensor is not None else None
 
 
 def _fold_weight_quantize(model: ir.Model) -> None:
@@ -136,7 +136,7 @@ def _fold_weight_quantize(model: ir.Model) -> None:
     for node in list(graph):
         if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
-        x, scale, zp = (_const(v) for v in (list(node.inputs) + [None, None])[:3])
+        x, scale, zp = (const_array(v) for v in (list(node.inputs) + [None, None])[:3])
         if x is None or scale is None or zp is None or x.dtype != np.float32:
             continue
         axis_attr = node.attributes.get("axis")
@@ -175,14 +175,14 @@ def _fold_weight_transpose(model: ir.Model) -> None:
     for node in list(graph):
         if node.op_type != "DequantizeLinear" or len(node.outputs[0].uses()) != 1:
             continue
-        codes = _const(node.inputs[0])
+        codes = const_array(node.inputs[0])
         user = next(iter(node.outputs[0].uses())).node
         if codes is None or user.op_type != "Transpose" or len(node.inputs[0].uses()) != 1:
             continue
         perm_attr = user.attributes.get("perm")
         perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(codes.ndim))[::-1]
         axis_attr = node.attributes.get("axis")
-        scale = _const(node.inputs[1])
+        scale = const_array(node.inputs[1])
         if scale is None:
             continue
         old = node.inputs[0]

@@ -6,8 +6,7 @@ import torch.fx
 
 from qgraph.graph import get_attr
 
-QUANT_META = "qgraph.quant"  # node.meta key: {input index: QSpec}
-FLOAT_META = "qgraph.float_reason"  # node.meta key: why the node stays in float
+from qgraph.quant import FLOAT_META, QUANT_META  # noqa: F401 - re-exported for the passes
 
 
 def delete_unused_attrs(gm: torch.fx.GraphModule, targets: set[str]) -> None:

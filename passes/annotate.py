@@ -24,7 +24,7 @@ from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, op_kind
 from qgraph.observers import Observer
 from qgraph.passes._util import FLOAT_META, QUANT_META
 from qgraph.quant import FakeQuant, QSpec
-from qgraph.rules import BackendRules, OpRule
+from qgraph.rules import BackendRules
 
 __all__ = ["Annotate"]
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from qgraph._errors import QGraphError
+from qgraph._errors import QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.observers import Observer
 
@@ -53,9 +53,8 @@ class Calibrate(Pass):
                     except QGraphError:
                         raise
                     except Exception as exc:
-                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                         raise QGraphError(
-                            f"the model failed on calibration batch {batches}: {first}"
+                            f"the model failed on calibration batch {batches}: {first_line(exc)}"
                         ) from None
                     batches += 1
         finally:

@@ -6,7 +6,12 @@ is a bug in qgraph and is allowed to show its traceback.
 
 from __future__ import annotations
 
-__all__ = ["QGraphError", "InputError", "PreconditionError", "PostconditionError", "VerifierError"]
+__all__ = ["first_line", "QGraphError", "InputError", "PreconditionError", "PostconditionError", "VerifierError"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class QGraphError(Exception):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from qgraph._errors import InputError
+from qgraph._errors import InputError, first_line
 
 __all__ = ["capture", "load_pt2", "export_program", "input_specs", "dynamic_shapes_of"]
 
@@ -115,8 +115,7 @@ def load_pt2(path: str | Path) -> torch.fx.GraphModule:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot load torch.export program ({first})") from None
+        raise InputError(f"{path}: cannot load torch.export program ({first_line(exc)})") from None
     return _to_graph_module(program)
 
 

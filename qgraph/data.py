@@ -51,7 +51,8 @@ class CalibrationData:
         else:
             raise InputError(f"{self.path}: no such calibration file or folder")
         self._nonzero: set[str] = set()
-        self.samples = sum(self._check(f) for f in self.files)
+        self._file_samples = [self._check(f) for f in self.files]
+        self.samples = sum(self._file_samples)
         for name, _, dtype in self.inputs:
             if dtype.is_floating_point and name not in self._nonzero:
                 raise InputError(
@@ -107,12 +108,9 @@ class CalibrationData:
 
     def __len__(self) -> int:
         """Number of batches."""
-        total = 0
-        for file in self.files:
-            with self._open(file) as npz:
-                n = npz[self.inputs[0][0]].shape[0]
-            total += n // self.batch_size if self.exact else -(-n // self.batch_size)
-        return total
+        if self.exact:
+            return sum(n // self.batch_size for n in self._file_samples)
+        return sum(-(-n // self.batch_size) for n in self._file_samples)
 
     def take(self, samples: int) -> tuple[torch.Tensor, ...]:
         """The first ``samples`` samples of every input, concatenated (for parity checks)."""

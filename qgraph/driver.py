@@ -18,7 +18,7 @@ import onnx
 import torch
 import torch.fx
 
-from qgraph._errors import InputError, QGraphError
+from qgraph._errors import InputError, QGraphError, first_line
 from qgraph.capture import input_specs, load_pt2
 from qgraph.data import CalibrationData
 from qgraph.instruments import DumpInstrument, TimingInstrument
@@ -139,8 +139,7 @@ def lower_file(
     except QGraphError:
         raise
     except Exception as exc:  # torch.export / torch.onnx refusing this model
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise QGraphError(f"export to ONNX failed: {first}") from None
+        raise QGraphError(f"export to ONNX failed: {first_line(exc)}") from None
     lower_seconds = time.perf_counter() - start
     parity = check_parity(gm, onnx_bytes, sample)
     try:

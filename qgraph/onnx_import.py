@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from qgraph._errors import InputError
+from qgraph._errors import InputError, first_line
 
 __all__ = ["load_onnx", "SUPPORTED_OPS"]
 
@@ -367,8 +367,7 @@ def load_onnx(path: str | Path, batch: int = 2) -> torch.fx.GraphModule:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{path}: invalid ONNX model ({first})") from None
+        raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
     if proto.opset_import and min(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < 11:
         raise InputError(f"{path}: opset below 11 is not supported")
     quantized = [n.op_type for n in proto.graph.node if "Quantize" in n.op_type or n.op_type.startswith("QLinear")]
@@ -391,8 +390,7 @@ def load_onnx(path: str | Path, batch: int = 2) -> torch.fx.GraphModule:
     try:
         gm = capture(module, tuple(examples), dynamic_shapes=(tuple(dynamic),) if any(dynamic) else None)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot capture the imported model ({first})") from None
+        raise InputError(f"{path}: cannot capture the imported model ({first_line(exc)})") from None
     gm.meta[INPUT_NAMES] = list(module.input_names)
     gm.meta[OUTPUT_NAMES] = list(module.output_names)
     return gm

@@ -15,7 +15,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
+__all__ = ["QUANT_META", "FLOAT_META", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
+
+
+#: fx ``node.meta`` keys of the quantization plan: {input index: QSpec}, and why a node stays float.
+QUANT_META = "qgraph.quant"
+FLOAT_META = "qgraph.float_reason"
 
 
 @dataclasses.dataclass(frozen=True)

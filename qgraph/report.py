@@ -7,11 +7,10 @@ from collections import Counter
 import torch.fx
 
 from qgraph.graph import op_kind
+from qgraph.quant import FLOAT_META, QUANT_META
 
 __all__ = ["plan_summary"]
 
-_QUANT_META = "qgraph.quant"
-_FLOAT_META = "qgraph.float_reason"
 
 
 def plan_summary(gm: torch.fx.GraphModule) -> tuple[Counter, dict[tuple[str, str], int]]:
@@ -19,10 +18,10 @@ def plan_summary(gm: torch.fx.GraphModule) -> tuple[Counter, dict[tuple[str, str
     quantized: Counter = Counter()
     left: dict[tuple[str, str], int] = {}
     for node in gm.graph.nodes:
-        if node.meta.get(_QUANT_META):
+        if node.meta.get(QUANT_META):
             quantized[op_kind(node) or node.name] += 1
-        elif node.meta.get(_FLOAT_META):
-            key = (op_kind(node) or str(node.target), node.meta[_FLOAT_META])
+        elif node.meta.get(FLOAT_META):
+            key = (op_kind(node) or str(node.target), node.meta[FLOAT_META])
             left[key] = left.get(key, 0) + 1
     return quantized, left
 

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qgraph.backends._onnx import const_array
+
 __all__ = ["InspectReport", "inspect_model"]
 
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -70,27 +72,16 @@ def _producer(value: ir.Value | None) -> ir.Node | None:
     return value.producer() if value is not None else None
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
-
-
 def _is_constant_input(value: ir.Value | None) -> bool:
     """A weight: an initializer, or a DequantizeLinear of an initializer / Q of an initializer."""
     node = _producer(value)
     if node is None or node.op_type != "DequantizeLinear":
-        return _const(value) is not None
+        return const_array(value) is not None
     source = node.inputs[0]
     q = _producer(source)
     if q is not None and q.op_type == "QuantizeLinear":
         source = q.inputs[0]
-    return _const(source) is not None
+    return const_array(source) is not None
 
 
 def _weight_axis(node: ir.Node, rank: int, index: int) -> int:
@@ -111,7 +102,7 @@ def _weight_rank(deq: ir.Node) -> int:
     q = _producer(source)
     if q is not None and q.op_type == "QuantizeLinear":
         source = q.inputs[0]
-    const = _const(source)
+    const = const_array(source)
     if const is not None:
         return const.ndim
     return len(deq.outputs[0].shape) if deq.outputs[0].shape is not None else 2
@@ -135,19 +126,19 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
 
 
 def _check_qdq(node: ir.Node, report: InspectReport) -> None:
-    scale = _const(node.inputs[1] if len(node.inputs) > 1 else None)
+    scale = const_array(node.inputs[1] if len(node.inputs) > 1 else None)
     if scale is None:
         report.violations.append(f"{node.name}: scale is not a constant")
     elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
         report.violations.append(f"{node.name}: scale has non-positive or non-finite values")
     zp_value = node.inputs[2] if len(node.inputs) > 2 else None
     if zp_value is not None:
-        zp = _const(zp_value)
+        zp = const_array(zp_value)
         if zp is None:
             report.violations.append(f"{node.name}: zero-point is not a constant")
         elif np.any(zp.astype(np.float64) != 0):
             report.violations.append(f"{node.name}: zero-point is not 0 (TensorRT is symmetric)")
-    zp_const = _const(zp_value)
+    zp_const = const_array(zp_value)
     if zp_const is not None:
         uint8 = zp_const.dtype == np.uint8
     else:
@@ -177,7 +168,7 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
         return
     for index, value in enumerate(inputs):
         deq = _producer(value)
-        scale = _const(deq.inputs[1])
+        scale = const_array(deq.inputs[1])
         per_channel = scale is not None and scale.size > 1
         if not _is_constant_input(value):
             if per_channel:
