@@ -18,6 +18,7 @@ import io
 import logging
 import warnings
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -25,32 +26,34 @@ import onnx_ir.passes.common as ir_passes
 import torch
 import torch.fx
 
+from qgraph import formats
 from qgraph._errors import QGraphError
 
-__all__ = ["export_onnx", "serialize", "const_array"]
+__all__ = ["export_onnx", "serialize", "const_array", "decode_weights"]
 
 logger = logging.getLogger(__name__)
 
 
-def _fake_quant_onnx(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ANN001, ANN201
-    from onnxscript import opset20 as op
-
-    if len(scale.shape) == 0:
-        q = op.QuantizeLinear(x, scale, zero_point)
-        return op.DequantizeLinear(q, scale, zero_point)
-    q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
-    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-
 def export_onnx(
-    gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, opset: int
+    gm: torch.fx.GraphModule,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    opset: int,
+    form: str = "deploy",
 ) -> ir.Model:
     """Export a (fake-quantized) GraphModule to an onnx-ir model; dims symbolic in ``gm`` stay dynamic.
 
+    ``form`` is ``deploy`` (the backend's Q/DQ form) or ``reference`` (standard ops onnxruntime
+    runs, weights decoded to float; see :mod:`qgraph.backends._translate`).
     ``example_inputs`` should have at least 2 samples on a dynamic batch axis (size 1 would
     specialise it).
     """
+    from qgraph.backends import _translate
     from qgraph.capture import INPUT_NAMES, OUTPUT_NAMES, dynamic_shapes_of
+
+    if form == "reference":
+        gm = decode_weights(gm)
+    table = _translate.deploy_table() if form == "deploy" else _translate.reference_table()
 
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -59,7 +62,7 @@ def export_onnx(
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
-            custom_translation_table={torch.ops.qgraph.fake_quant.default: _fake_quant_onnx},
+            custom_translation_table=table,
             opset_version=opset,
             external_data=False,
             optimize=True,
@@ -69,6 +72,8 @@ def export_onnx(
     _restore_io_names(model, gm.meta.get(INPUT_NAMES), gm.meta.get(OUTPUT_NAMES))
     _name_batch_dim(model)
     _fold_weight_quantize(model)
+    _mx_scales_as_e8m0_bits(model)
+    _type_trt_outputs(model)
     _fold_weight_transpose(model)
     _drop_metadata(model)
     ir_passes.RemoveUnusedNodesPass()(model)
@@ -131,17 +136,41 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return tensor.numpy() if tensor is not None else None
 
 
+def _const_or_dequantized(value: ir.Value | None) -> np.ndarray | None:
+    """A constant, or the float32 value of DequantizeLinear of constants (NVFP4 scale chains)."""
+    array = const_array(value)
+    node = value.producer() if value is not None and array is None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return array
+    ins = [const_array(v) for v in node.inputs]
+    if any(a is None for a in ins):
+        return None
+    axis, block = _axis_block(node, ins[1])
+    return formats.dequantize(ins[0], ins[1], ins[2] if len(ins) > 2 else None, axis, block)
+
+
+def _axis_block(node: ir.Node, scale: np.ndarray) -> tuple[int | None, int | None]:
+    axis_attr, block_attr = node.attributes.get("axis"), node.attributes.get("block_size")
+    block = block_attr.as_int() if block_attr is not None and block_attr.as_int() else None
+    if not scale.ndim:
+        return None, None
+    return (axis_attr.as_int() if axis_attr is not None else 1), block
+
+
 def _fold_weight_quantize(model: ir.Model) -> None:
+    """QuantizeLinear of a constant → an initializer of codes, computed by qgraph.formats."""
     graph = model.graph
     for node in list(graph):
         if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
-        x, scale, zp = (const_array(v) for v in (list(node.inputs) + [None, None])[:3])
+        x = const_array(node.inputs[0])
+        scale = _const_or_dequantized(node.inputs[1])
+        zp = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         if x is None or scale is None or zp is None or x.dtype != np.float32:
             continue
-        axis_attr = node.attributes.get("axis")
-        axis = axis_attr.as_int() if axis_attr is not None and scale.ndim else 0
-        codes = _quantize(x, scale, zp, axis)
+        elem = next(e for e in formats.ELEMENTS.values() if np.dtype(e.np_dtype) == zp.dtype)
+        axis, block = _axis_block(node, scale)
+        codes = formats.quantize(x, scale, elem, zp if elem.kind == "int" else None, axis, block)
         name = _free_name(graph, f"{node.inputs[0].name}_quantized")
         init = ir.Value(name=name, const_value=ir.tensor(codes, name=name))
         init.shape = ir.Shape(codes.shape)
@@ -151,6 +180,38 @@ def _fold_weight_quantize(model: ir.Model) -> None:
         graph.remove(node, safe=True)
 
 
+def _mx_scales_as_e8m0_bits(model: ir.Model) -> None:
+    """TensorRT reads MXFP8 weight scales as E8M0 bits in a uint8 initializer."""
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "TRT_MXFP8DequantizeLinear" or const_array(node.inputs[0]) is None:
+            continue
+        scale = const_array(node.inputs[1])
+        if scale is None or scale.dtype != np.float32:
+            continue
+        bits = scale.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
+        name = _free_name(graph, f"{node.inputs[1].name}_e8m0")
+        init = ir.Value(name=name, const_value=ir.tensor(bits, name=name))
+        init.shape = ir.Shape(bits.shape)
+        init.type = ir.TensorType(ir.DataType.UINT8)
+        graph.register_initializer(init)
+        node.replace_input_with(1, init)
+
+
+def _type_trt_outputs(model: ir.Model) -> None:
+    """Give TensorRT's custom quantizers' outputs their types (no ONNX schema infers them)."""
+    types = {
+        "TRT_FP4DynamicQuantize": (ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT8E4M3FN),
+        "TRT_MXFP8DynamicQuantize": (ir.DataType.FLOAT8E4M3FN, ir.DataType.UINT8),
+    }
+    for node in model.graph:
+        for value, dtype in zip(node.outputs, types.get(node.op_type, ())):
+            value.type = ir.TensorType(dtype)
+        if node.op_type == "TRT_MXFP8DequantizeLinear":
+            node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            node.outputs[0].shape = node.inputs[0].shape
+
+
 def _free_name(graph: ir.Graph, base: str) -> str:
     """An initializer name not yet used (one weight may be quantized on two axes)."""
     name, i = base, 0
@@ -158,16 +219,6 @@ def _free_name(graph: ir.Graph, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
-
-
-def _quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
-    """QuantizeLinear in numpy: float32 divide, round half to even, add zero-point, saturate."""
-    shape = [1] * x.ndim
-    if scale.ndim:
-        shape[axis] = -1
-    info = np.iinfo(zp.dtype)
-    q = np.rint(x / scale.reshape(shape).astype(np.float32)) + zp.reshape(shape).astype(np.float32)
-    return np.clip(q, info.min, info.max).astype(zp.dtype)
 
 
 def _fold_weight_transpose(model: ir.Model) -> None:
@@ -213,3 +264,36 @@ def _drop_metadata(model: ir.Model) -> None:
         value.metadata_props.clear()
     model.metadata_props.clear()
     model.graph.metadata_props.clear()
+
+
+def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose weight quantizers are replaced by their output: the decoded weights.
+
+    The values are exactly what the deploy form's DequantizeLinear computes (codes times scale
+    in float32), so the reference form runs the deployed weights on any runtime.
+    """
+    import copy
+
+    from qgraph.graph import constant_value, unique_attr_name
+    from qgraph.quant import FakeQuant
+
+    gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FakeQuant):
+            continue
+        src = node.args[0]
+        module = gm.get_submodule(node.target)
+        if module.spec.role != "weight" or not isinstance(src, torch.fx.Node) or src.op != "get_attr":
+            continue
+        with torch.no_grad():
+            decoded = module(constant_value(gm, src)).detach().clone()
+        name = unique_attr_name(gm, f"{node.target}_decoded")
+        gm.register_buffer(name, decoded)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

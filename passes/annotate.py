@@ -12,21 +12,39 @@ For every ``call_function`` node, the op kind is looked up in the rules:
 
 Specs go to ``node.meta["qgraph.quant"]`` ({input index: QSpec}); reasons to
 ``node.meta["qgraph.float_reason"]``.
+
+Recipes beyond INT8 add two things:
+
+  * per-layer overrides: ``(pattern, rules)`` pairs, first match wins; a pattern is an fnmatch
+    over the node name or its module path (``fc``, ``blocks.0.*``), or ``@first`` / ``@last``
+    (the first / last weighted op); ``rules=None`` keeps the op in float;
+  * unsupported op/format pairs (NVFP4 on a Conv, a dynamic block quantizer on a 4-D input or on
+    a reduction axis that is not a multiple of the block): an error naming the node, unless a
+    ``fallback`` is given (the rule set to use instead, or ``"float"``); ops that fell back carry
+    ``node.meta["qgraph.fallback"]``.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 import torch.fx
 
+from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
-from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, op_kind
+from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, node_label, op_kind
 from qgraph.observers import Observer
 from qgraph.passes._util import FLOAT_META, QUANT_META
 from qgraph.quant import FakeQuant, QSpec
 from qgraph.rules import BackendRules
 
-__all__ = ["Annotate"]
+__all__ = ["Annotate", "FALLBACK_META"]
+
+#: node.meta key: why an op runs in its recipe's fallback precision.
+FALLBACK_META = "qgraph.fallback"
 
 
 class Annotate(Pass):
@@ -34,22 +52,36 @@ class Annotate(Pass):
 
     Args:
         rules: the backend's rule data (e.g. ``qgraph.backends.tensorrt.rules.INT8``).
+        overrides: ``(pattern, rules or None)`` pairs for per-layer precision (None: float).
+        fallback: rules for ops the recipe cannot run, ``"float"``, or None (such ops are errors).
     """
 
     name = "annotate"
-    context_keys = ("rules",)
+    context_keys = ("rules", "overrides", "fallback")
 
-    def __init__(self, rules: BackendRules) -> None:
+    def __init__(
+        self,
+        rules: BackendRules,
+        overrides: Sequence[tuple[str, BackendRules | None]] = (),
+        fallback: BackendRules | Literal["float"] | None = None,
+    ) -> None:
         self.rules = rules
+        self.overrides = tuple(overrides)
+        self.fallback = fallback
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         self._gm = graph
+        weighted = [n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds]
+        self._ends = {"@first": weighted[:1], "@last": weighted[-1:]}
         changed = False
         quantized = left_float = 0
         for node in graph.graph.nodes:
             if node.op != "call_function":
                 continue
-            specs, reason = self._plan(node)
+            specs, reason, fell_back = self._plan_with_fallback(node)
+            if node.meta.get(FALLBACK_META) != (fell_back or None):
+                changed = True
+                _set_meta(node, FALLBACK_META, fell_back or None)
             if specs:
                 quantized += 1
             elif reason:
@@ -62,18 +94,53 @@ class Annotate(Pass):
                 _set_meta(node, FLOAT_META, reason or None)
         return PassResult(graph, changed, {"quantized": quantized, "float": left_float})
 
-    def _plan(self, node: torch.fx.Node) -> tuple[dict[int, QSpec], str]:
+    def _rules_for(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
+        """The rule set of ``node`` after overrides, and the matching pattern ('' if none)."""
+        names = {node.name, _module_path(node)}
+        for pattern, rules in self.overrides:
+            if pattern in self._ends:
+                hit = node in self._ends[pattern]
+            else:
+                hit = any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
+            if hit:
+                return rules, pattern
+        return self.rules, ""
+
+    def _plan_with_fallback(self, node: torch.fx.Node) -> tuple[dict[int, QSpec], str, str]:
+        """(specs, float reason, fallback reason) of one node."""
+        rules, pattern = self._rules_for(node)
+        if rules is None:
+            return {}, f"kept in float by override {pattern!r}", ""
+        try:
+            specs, reason = self._plan(node, rules)
+        except _Unsupported as exc:
+            why = str(exc)
+            if self.fallback is None:
+                alt = rules.fallback or "float"
+                raise PreconditionError(
+                    f"{node_label(node)}: {rules.precision} is not supported here: {why}; "
+                    f"allow fallback to run it in {alt}, or override it"
+                ) from None
+            if self.fallback == "float":
+                return {}, f"fallback to float: {why}", ""
+            specs, reason = self._plan(node, self.fallback)
+            return specs, reason, f"{self.fallback.precision}: {why}" if specs else ""
+        return specs, reason, ""
+
+    def _plan(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
         kind = op_kind(node)
         if kind in DATA_MOVEMENT:
             return {}, ""
         if kind is None:
             return {}, f"{_short(node)}: not an op qgraph knows"
-        rule = self.rules.ops.get(kind)
+        rule = rules.ops.get(kind)
         if rule is None:
-            why = self.rules.float_reasons.get(kind, "no rule for it")
-            return {}, f"{why} ({self.rules.backend} {self.rules.precision})"
+            why = rules.float_reasons.get(kind, "no rule for it")
+            return {}, f"{why} ({rules.backend} {rules.precision})"
+        if rule.unsupported:
+            raise _Unsupported(rule.unsupported)
         if rule.residual:
-            return self._plan_residual(node)
+            return self._plan_residual(node, rules)
         if rule.max_groups is not None and _groups(node) > rule.max_groups:
             return {}, f"groups={_groups(node)} (per-channel weight scales need groups<={rule.max_groups})"
         specs: dict[int, QSpec] = {}
@@ -84,16 +151,19 @@ class Annotate(Pass):
             arg = self._through_quantizers(arg)
             constant = is_constant(arg)
             if inp.role == "weight" and not constant:
+                if rules.weight.block_size and rules.activation is not None:
+                    raise _Unsupported("the weight is not a constant")
                 return {}, "weight is not a constant"
             if constant and inp.role in ("weight", "either"):
-                specs[inp.index] = self.rules.weight_spec(_axis(self._gm, arg, inp.weight_axis))
-            else:
-                specs[inp.index] = self.rules.activation
-        if specs and all(s.role == "weight" for s in specs.values()):
+                specs[inp.index] = _weight_spec(self._gm, arg, inp.weight_axis, rules)
+            elif rules.activation is not None:
+                _check_dynamic(arg, rules.activation)
+                specs[inp.index] = rules.activation
+        if specs and rules.activation is not None and all(s.role == "weight" for s in specs.values()):
             return {}, "all inputs are constants"
         return specs, ""
 
-    def _plan_residual(self, node: torch.fx.Node) -> tuple[dict[int, QSpec], str]:
+    def _plan_residual(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
         args = node.args[:2]
         if len(args) < 2 or not all(isinstance(a, torch.fx.Node) for a in args):
             return {}, "not an add of two tensors"
@@ -104,7 +174,9 @@ class Annotate(Pass):
         if not any(fused):
             return {}, "no quantized Conv/Gemm output to fuse the Add into"
         targets = [1] if all(fused) else [i for i, f in enumerate(fused) if not f]
-        return {i: self.rules.activation for i in targets}, ""
+        if rules.activation is None:
+            return {}, f"{rules.precision} quantizes no activations"
+        return {i: rules.activation for i in targets}, ""
 
     def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
         return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))
@@ -117,6 +189,43 @@ class Annotate(Pass):
         ):
             node = node.args[0]
         return node
+
+
+class _Unsupported(Exception):
+    """An op/format pair the backend cannot run (message: why)."""
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the module that produced ``node`` (``features.0``), or ''."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _weight_spec(gm: torch.fx.GraphModule, weight: torch.fx.Node, axis: int | None, rules: BackendRules) -> QSpec:
+    channel = _axis(gm, weight, axis)
+    if not rules.weight.block_size:
+        return rules.weight_spec(channel)
+    shape = tuple(constant_value(gm, weight).shape)
+    block = rules.weight.block_size
+    if len(shape) != 2:
+        raise _Unsupported(f"block-quantized weights must be 2-D, this one is {shape}")
+    reduction = 1 - channel
+    if shape[reduction] % block:
+        raise _Unsupported(f"reduction dim {shape[reduction]} of the weight is not a multiple of the block size {block}")
+    return rules.weight_spec(channel, reduction)
+
+
+def _check_dynamic(arg: torch.fx.Node, spec: QSpec) -> None:
+    """TensorRT's dynamic block quantizers take 2-D/3-D inputs blocked on a whole last axis."""
+    if not spec.dynamic:
+        return
+    val = arg.meta.get("val")
+    shape = tuple(val.shape) if val is not None else ()
+    if len(shape) not in (2, 3):
+        raise _Unsupported(f"dynamic {spec.dtype} quantization needs a 2-D or 3-D input, got rank {len(shape)}")
+    last = shape[-1]
+    if not isinstance(last, int) or last % spec.block_size:
+        raise _Unsupported(f"last dim {last} of the input is not a multiple of the block size {spec.block_size}")
 
 
 def _set_meta(node: torch.fx.Node, key: str, value: object) -> None:

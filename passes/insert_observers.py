@@ -2,7 +2,8 @@
 
 One observer per (producer, spec): a tensor read by three quantized consumers (say the q, k and v
 projections) is observed once and all three read the observer's output. Weight edges get no
-observer: weights are constants and their ranges are read directly by ``insert-qdq``.
+observer: weights are constants and their ranges are read directly by ``insert-qdq``; nor do
+MX activations, whose block scales are computed at run time.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class InsertObservers(Pass):
         for node in list(graph.graph.nodes):
             for index, spec in (node.meta.get(QUANT_META) or {}).items():
                 src = node.args[index]
-                if spec.role == "weight" or _is_quantizer(graph, src):
+                if not spec.needs_calibration or _is_quantizer(graph, src):
                     continue
                 key = (src, spec)
                 if key not in observers:

@@ -1,10 +1,12 @@
 """Replace calibrated observers with fake-quant nodes and quantize annotated weights.
 
-Every :class:`~qgraph.observers.Observer` becomes a :class:`~qgraph.quant.FakeQuant` carrying the
-scale ``amax / 127`` from its calibrator (zero-point 0). Every annotated constant weight edge gets a
-``FakeQuant`` whose per-channel scales come from the weight's own per-channel ``amax``. The
-fake-quant op is ``torch.ops.qgraph.fake_quant``, which the backends export as ONNX
-``QuantizeLinear``/``DequantizeLinear`` computing the same codes.
+Every :class:`~qgraph.observers.Observer` becomes a :class:`~qgraph.quant.FakeQuant` whose scale
+comes from its calibrator's ``amax`` by the format's rule (``amax / 127`` for INT8, ``amax / 448``
+for FP8, the NVFP4 per-tensor scale ``amax / 2688``). Every annotated constant weight edge gets a
+``FakeQuant`` whose scales (per channel, per block, NVFP4 two-level, MX E8M0) are read off the
+weight itself. Activations that need no calibration (MX: block scales at run time) get their
+quantizer directly. The fake-quant ops (``qgraph::fake_quant``, ``qgraph::fake_quant_fmt``,
+``qgraph::fake_quant_dynamic``) are what the backends export as Q/DQ computing the same codes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, unique_attr_name
 from qgraph.observers import Observer
 from qgraph.passes._util import QUANT_META, insert_module_after
-from qgraph.quant import FakeQuant, QSpec, symmetric_scale
+from qgraph.quant import FakeQuant, QSpec
 
 __all__ = ["InsertQDQ"]
 
@@ -34,7 +36,8 @@ class InsertQDQ(Pass):
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         activations = self._replace_observers(graph)
-        weights = self._quantize_weights(graph)
+        weights, dynamic = self._quantize_constants_and_dynamic(graph)
+        activations += dynamic
         if activations or weights:
             graph.recompile()
         counts = {"activations": activations, "weights": weights}
@@ -48,9 +51,8 @@ class InsertQDQ(Pass):
             observer = gm.get_submodule(node.target)
             if not isinstance(observer, Observer):
                 continue
-            scale = symmetric_scale(torch.tensor(observer.amax()), observer.spec)
             name = unique_attr_name(gm, node.target.replace("obs_", "fq_", 1))
-            gm.add_module(name, FakeQuant(observer.spec, scale))
+            gm.add_module(name, FakeQuant.for_activation(observer.spec, observer.amax()))
             with gm.graph.inserting_before(node):
                 fq_node = gm.graph.call_module(name, node.args)  # named after its module
             fq_node.meta = dict(node.meta)
@@ -60,24 +62,32 @@ class InsertQDQ(Pass):
             replaced += 1
         return replaced
 
-    def _quantize_weights(self, gm: torch.fx.GraphModule) -> int:
+    def _quantize_constants_and_dynamic(self, gm: torch.fx.GraphModule) -> tuple[int, int]:
+        """Quantizers of constant weights and of uncalibrated (MX) activations: (weights, dynamic)."""
         made: dict[tuple[torch.fx.Node, QSpec], torch.fx.Node] = {}
+        dynamic = 0
         for node in list(gm.graph.nodes):
             for index, spec in (node.meta.get(QUANT_META) or {}).items():
                 src = node.args[index]
-                if spec.role != "weight" or not is_constant(src):
+                if spec.role == "weight" and is_constant(src):
+                    quantizer, base = (lambda: FakeQuant.for_weight(spec, constant_value(gm, src))), src.target
+                elif spec.role == "activation" and not spec.needs_calibration and not _is_quantizer(gm, src):
+                    quantizer, base = (lambda: FakeQuant.for_activation(spec, 0.0)), src.name
+                    dynamic += (src, spec) not in made
+                else:
                     continue
                 key = (src, spec)
                 if key not in made:
-                    scale = symmetric_scale(_amax(constant_value(gm, src), spec.axis), spec)
-                    name = unique_attr_name(gm, f"fq_{src.target}")
-                    made[key] = insert_module_after(gm, src, name, FakeQuant(spec, scale))
+                    name = unique_attr_name(gm, f"fq_{base}")
+                    made[key] = insert_module_after(gm, src, name, quantizer())
                 node.update_arg(index, made[key])
-        return len(made)
+        return len(made) - dynamic, dynamic
 
 
-def _amax(weight: torch.Tensor, axis: int | None) -> torch.Tensor:
-    w = weight.detach().abs()
-    if axis is None:
-        return w.max()
-    return w.movedim(axis, 0).reshape(w.shape[axis], -1).max(dim=1).values
+def _is_quantizer(gm: torch.fx.GraphModule, node: object) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_module"
+        and isinstance(gm.get_submodule(node.target), (Observer, FakeQuant))
+    )
+

@@ -40,34 +40,43 @@ class OpRule:
         residual: an Add rule: quantize only the input(s) *not* produced by a quantized weighted op
             (so the Add fuses into that op); if both are, quantize input 1.
         max_groups: ops with more groups than this stay in float (grouped ConvTranspose).
+        unsupported: non-empty when the backend cannot run this op kind in this precision (e.g.
+            NVFP4 on Conv): why. Such an op is an error unless the user asked for fallback.
     """
 
     inputs: tuple[InputRule, ...] = ()
     residual: bool = False
     max_groups: int | None = None
+    unsupported: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendRules:
-    """A backend's rule set for one precision.
+    """A backend's rule set for one precision (a *recipe*).
 
     Attributes:
         backend: backend name (``tensorrt``).
-        precision: recipe name (``int8``).
-        activation: the spec of every quantized activation.
-        weight_dtype: code type of weights (their axis comes from the op rule).
+        precision: recipe name (``int8``, ``fp8``, ``w4a16``, ``nvfp4``, ``mxfp8``, ``mxfp4``).
+        activation: the spec of every quantized activation (None: weight-only recipe).
+        weight: the spec of every quantized weight; its axis is filled in per op: the output
+            channel axis (per-channel specs) or the reduction axis (blocked specs).
         ops: op kind → rule. Kinds not listed stay in float.
         weighted_kinds: op kinds whose output a residual Add can fuse with.
         float_reasons: op kind → why it stays in float (for the summary).
+        fallback: the precision an unsupported op runs in when the user allows fallback
+            (None: float).
     """
 
     backend: str
     precision: str
-    activation: QSpec
-    weight_dtype: Literal["int8", "uint8"]
+    activation: QSpec | None
+    weight: QSpec
     ops: Mapping[str, OpRule]
     weighted_kinds: frozenset[str]
     float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    fallback: str | None = None
 
-    def weight_spec(self, axis: int | None) -> QSpec:
-        return QSpec(self.weight_dtype, "weight", axis)
+    def weight_spec(self, channel_axis: int | None, reduction_axis: int | None = None) -> QSpec:
+        """The weight spec on one op: blocked specs run along ``reduction_axis``."""
+        axis = reduction_axis if self.weight.block_size else channel_axis
+        return dataclasses.replace(self.weight, axis=axis)

@@ -206,7 +206,7 @@ def test_reason_cleared_when_plan_changes(_negatives_graph):
     gm = copy.deepcopy(_negatives_graph[0])
     no_conv_rules = type(INT8)(
         backend="test", precision="int8", activation=INT8.activation,
-        weight_dtype="int8", ops={}, weighted_kinds=INT8.weighted_kinds,
+        weight=INT8.weight, ops={}, weighted_kinds=INT8.weighted_kinds,
     )
     assert Annotate(no_conv_rules)(gm).modified
     conv = next(n for n in gm.graph.nodes if n.name == "conv2d_1")

@@ -1,21 +1,60 @@
-"""Lower a fake-quantized fx graph to TensorRT-ready QDQ ONNX."""
+"""Lower a fake-quantized fx graph to TensorRT-ready QDQ ONNX, or to its onnxruntime reference form."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx
 
+from qgraph._errors import QGraphError
 from qgraph.backends import _onnx
 from qgraph.backends.tensorrt.rules import OPSET
+from qgraph.quant import FakeQuant, QSpec
 
-__all__ = ["lower"]
+__all__ = ["lower", "required_opset", "FORMS"]
+
+#: ``deploy``: what TensorRT parses; ``reference``: standard ops onnxruntime's CPU provider runs.
+FORMS = ("deploy", "reference")
+
+#: The opset the reference form is written at: FP8 Cast/QuantizeLinear need 19, blocked INT4 21;
+#: onnxruntime refuses Q/DQ at 23+ when the scale type differs from the input type.
+REFERENCE_OPSET = 21
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> bytes:
-    """Export ``gm`` (after ``insert-qdq``) as checked, serialized ONNX bytes at opset 20.
+def _spec_opset(spec: QSpec) -> int:
+    if spec.dtype == "fp4_e2m1":
+        return 23  # FLOAT4E2M1 Q/DQ
+    if spec.block_size:
+        return 21  # blocked Q/DQ, INT4
+    return OPSET  # INT8 (13+) and FP8 (19+): TensorRT 10's opset
 
-    Weights are stored as INT8 initializers with per-channel ``DequantizeLinear``; activations
-    get per-tensor ``QuantizeLinear``/``DequantizeLinear`` pairs; every zero-point is 0.
+
+def required_opset(gm: torch.fx.GraphModule) -> int:
+    """The lowest opset that holds every quantizer of ``gm`` (20 for INT8/FP8, 21 INT4/MX, 23 FP4)."""
+    specs = [m.spec for m in gm.modules() if isinstance(m, FakeQuant)]
+    return max([OPSET] + [_spec_opset(s) for s in specs])
+
+
+def lower(
+    gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], form: str = "deploy"
+) -> bytes:
+    """Export ``gm`` (after ``insert-qdq``) as checked, serialized ONNX bytes.
+
+    ``deploy``: INT8/FP8 weights stored as code initializers with per-channel ``DequantizeLinear``,
+    INT4 blocked weights packed at opset 21, NVFP4 weights as FLOAT4E2M1 + E4M3 block scales +
+    FP32 global scale through two chained ``DequantizeLinear`` (opset 23), dynamic NVFP4/MXFP8
+    activations through TensorRT's ``trt`` custom ops; every zero-point is 0. ``reference``: the
+    same numbers with standard ops and decoded float weights, runnable in onnxruntime.
     """
-    model = _onnx.export_onnx(gm, example_inputs, opset=OPSET)
+    if form not in FORMS:
+        raise QGraphError(f"unknown form {form!r} (known: {', '.join(FORMS)})")
+    specs = {m.spec for m in gm.modules() if isinstance(m, FakeQuant)}
+    if form == "deploy" and any(s.scale_type == "e8m0" and s.dtype == "fp4_e2m1" for s in specs):
+        raise QGraphError(
+            "TensorRT has no MXFP4 path (its FP4 quantizer takes E4M3 block scales only): "
+            "use precision nvfp4, or write the onnxruntime reference form"
+        )
+    opset = required_opset(gm) if form == "deploy" else max(REFERENCE_OPSET, OPSET)
+    if form == "reference" and all(s.is_int8 for s in specs):
+        opset = OPSET  # nothing to rewrite: the INT8 deploy form is its own reference
+    model = _onnx.export_onnx(gm, example_inputs, opset=opset, form=form)
     return _onnx.serialize(model)

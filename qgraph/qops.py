@@ -1,0 +1,234 @@
+"""Torch kernels of the formats in :mod:`qgraph.formats`, and the fake-quant ops built on them.
+
+The kernels compute exactly what the numpy reference computes (float32 arithmetic in the same
+order, round half to even, saturation), on CPU or CUDA tensors:
+
+* :func:`round_to` rounds already-scaled values to an element's grid (FP8 through torch's own
+  ``float8`` types, FP4 E2M1 binade by binade, integers with ``torch.round``);
+* :func:`absmax_scale`, :func:`nvfp4_scales`, :func:`mx_scales` are the scale rules;
+* two custom ops carry formats through ``torch.export`` to the backends:
+
+  - ``qgraph::fake_quant_fmt(x, scale, global_scale, axis, block_size, element)``: a static
+    symmetric quantizer (per tensor, per channel on ``axis`` or per block along ``axis``; the
+    effective scale is ``scale * global_scale``, the NVFP4 two-level form);
+  - ``qgraph::fake_quant_dynamic(x, global_scale, block_size, element, scale_type)``: block
+    scales computed at run time on the last axis (NVFP4 ``fp8_e4m3`` block scales, or MX ``e8m0``).
+
+Both have a straight-through gradient (1 inside the representable range, 0 where a value was
+saturated), so they train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qgraph import formats as fmt
+from qgraph.formats import Element
+
+__all__ = [
+    "round_to",
+    "expand",
+    "block_amax",
+    "absmax_scale",
+    "nvfp4_scales",
+    "mx_scales",
+    "fake_quant_fmt",
+    "fake_quant_dynamic",
+    "quantize_codes",
+    "SCALE_TYPES",
+]
+
+#: Block-scale types of dynamic quantizers: NVFP4's E4M3 scale and MX's E8M0 power of two.
+SCALE_TYPES = ("fp8_e4m3", "e8m0")
+_TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _round_e2m1(y: Tensor) -> Tensor:
+    """Round to FP4 E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), half to even, saturating at ±6.
+
+    In each binade the grid is evenly spaced (step 0.5 below 2, 1 in [2, 4), 2 in [4, 6]) and
+    the even code is the even multiple of the step, so ``round(a / step) * step`` is exact RNE.
+    """
+    a = y.abs().clamp(max=6.0)
+    q = torch.where(a < 2.0, torch.round(a * 2.0) * 0.5, torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0))
+    return torch.copysign(q, y)
+
+
+def round_to(y: Tensor, elem: Element | str) -> Tensor:
+    """Round scaled values to ``elem``'s grid with saturation (ONNX ``saturate=1``), as floats."""
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    if elem.kind == "int":
+        return torch.clamp(torch.round(y), elem.qmin, elem.qmax)
+    if elem.name in _TORCH_FP8:
+        return y.clamp(elem.qmin, elem.qmax).to(_TORCH_FP8[elem.name]).to(y.dtype)
+    return _round_e2m1(y)
+
+
+def expand(scale: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
+    """Broadcast a per-tensor (0-d), per-axis (1-d) or blocked (rank of x) scale against ``x``."""
+    if scale.dim() == 0:
+        return scale
+    axis = axis % x.dim()
+    if block_size:
+        return scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+    view = [1] * x.dim()
+    view[axis] = -1
+    return scale.reshape(view)
+
+
+def _blocks(x: Tensor, axis: int, block_size: int) -> Tensor:
+    """``x`` with ``axis`` moved last, zero-padded to whole blocks, as (..., blocks, block_size)."""
+    x = x.movedim(axis, -1)
+    pad = -x.shape[-1] % block_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, block_size)
+
+
+def block_amax(x: Tensor, axis: int, block_size: int) -> Tensor:
+    """max |x| per block of ``block_size`` along ``axis`` (that axis becomes #blocks)."""
+    return _blocks(x.detach().abs(), axis, block_size).amax(dim=-1).movedim(-1, axis)
+
+
+def absmax_scale(x: Tensor, elem: Element | str, axis: int | None = None, block_size: int = 0) -> Tensor:
+    """Symmetric float32 scale ``amax / max_abs`` per tensor, channel or block; amax 0 → 1."""
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    x = x.detach().to(torch.float32).abs()
+    if axis is None:
+        amax = x.max() if x.numel() else torch.zeros((), dtype=torch.float32)
+    elif block_size:
+        amax = block_amax(x, axis, block_size)
+    else:
+        amax = x.movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
+    return scale_from_amax(amax, elem)
+
+
+def scale_from_amax(amax: Tensor, elem: Element | str) -> Tensor:
+    """``amax / max_abs`` in float32, 1 where amax is 0 (scales must be positive)."""
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    amax = amax.detach().to(torch.float32)
+    return torch.where(amax > 0, amax / elem.max_abs, torch.ones_like(amax))
+
+
+def nvfp4_global_scale(amax: Tensor) -> Tensor:
+    """NVFP4 per-tensor scale ``amax / (6 * 448)`` (1 for an all-zero tensor)."""
+    amax = amax.detach().to(torch.float32)
+    return torch.where(amax > 0, amax / 2688.0, torch.ones_like(amax))
+
+
+def _nvfp4_block_scale(block_amax_: Tensor, global_scale: Tensor) -> Tensor:
+    ratio = block_amax_ / (global_scale * 6.0)
+    return ratio.clamp(2.0**-9, 448.0).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def nvfp4_scales(
+    x: Tensor, global_amax: Tensor | None = None, axis: int = -1, block_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """(E4M3 block scales as float32 values, FP32 global scale); see :func:`qgraph.formats.nvfp4_scales`."""
+    x = x.detach().to(torch.float32)
+    amax = x.abs().max() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
+    s_g = nvfp4_global_scale(amax)
+    return _nvfp4_block_scale(block_amax(x, axis, block_size), s_g), s_g
+
+
+def _mx_scale(block_amax_: Tensor, elem: Element) -> Tensor:
+    _, exp = torch.frexp(block_amax_)  # amax = m * 2**exp, m in [0.5, 1)
+    e = torch.where(block_amax_ > 0, exp - 1 - elem.emax, torch.full_like(exp, -127)).clamp(-127, 127)
+    return torch.ldexp(torch.ones_like(block_amax_), e)
+
+
+def mx_scales(x: Tensor, elem: Element | str, axis: int = -1, block_size: int = 32) -> Tensor:
+    """OCP MX block scales (powers of two, float32); see :func:`qgraph.formats.mx_scales`."""
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    return _mx_scale(block_amax(x.detach().to(torch.float32), axis, block_size), elem)
+
+
+def quantize_codes(
+    x: Tensor,
+    scale: Tensor,
+    elem: Element | str,
+    axis: int = 0,
+    block_size: int = 0,
+    global_scale: Tensor | None = None,
+) -> Tensor:
+    """Codes of a symmetric static quantizer, as float values on ``elem``'s grid."""
+    s = scale if global_scale is None else scale * global_scale
+    return round_to(x / expand(s.to(x.dtype), x, axis, block_size), elem)
+
+
+# --- custom ops ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qgraph::fake_quant_fmt", mutates_args=())
+def fake_quant_fmt(
+    x: Tensor, scale: Tensor, global_scale: Tensor, axis: int, block_size: int, element: str
+) -> Tensor:
+    """Static symmetric quantize-dequantize of ``x`` to ``element`` (zero-point 0).
+
+    ``scale`` is 0-d (per tensor), 1-d on ``axis`` (per channel) or of x's rank with
+    ``ceil(n / block_size)`` on ``axis`` (blocked); the effective scale is ``scale * global_scale``.
+    """
+    s = expand((scale * global_scale).to(x.dtype), x, axis, block_size)
+    return round_to(x / s, element) * s
+
+
+@fake_quant_fmt.register_fake
+def _(x, scale, global_scale, axis, block_size, element):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+def _fmt_setup(ctx, inputs, output):  # noqa: ANN001
+    x, scale, global_scale, axis, block_size, name = inputs
+    s = expand((scale * global_scale).to(x.dtype), x, axis, block_size)
+    elem = fmt.element(name)
+    y = x / s
+    lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
+    ctx.save_for_backward((y >= lo) & (y <= hi))
+
+
+def _ste_backward(ctx, grad):  # noqa: ANN001
+    (mask,) = ctx.saved_tensors
+    return (grad * mask,) + (None,) * 5
+
+
+fake_quant_fmt.register_autograd(_ste_backward, setup_context=_fmt_setup)
+
+
+def dynamic_scales(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
+    """Run-time block scales of ``x`` on its last axis, shape (..., blocks, 1)."""
+    amax = _blocks(x.detach().abs().to(torch.float32), -1, block_size).amax(dim=-1, keepdim=True)
+    if scale_type == "fp8_e4m3":  # NVFP4: block scale relative to the calibrated global scale
+        return _nvfp4_block_scale(amax, global_scale) * global_scale
+    return _mx_scale(amax, elem)
+
+
+@torch.library.custom_op("qgraph::fake_quant_dynamic", mutates_args=())
+def fake_quant_dynamic(
+    x: Tensor, global_scale: Tensor, block_size: int, element: str, scale_type: str
+) -> Tensor:
+    """Quantize-dequantize with block scales computed from ``x`` itself, blocks on the last axis.
+
+    ``scale_type`` ``fp8_e4m3`` is NVFP4 (the block scale is an E4M3 multiple of the calibrated
+    ``global_scale``); ``e8m0`` is MX (``global_scale`` is ignored).
+    """
+    elem = fmt.element(element)
+    n = x.shape[-1]
+    s = dynamic_scales(x, global_scale, block_size, elem, scale_type)
+    xb = _blocks(x, -1, block_size)
+    out = (round_to(xb / s, elem) * s).to(x.dtype)
+    return out.reshape(*out.shape[:-2], -1)[..., :n]
+
+
+@fake_quant_dynamic.register_fake
+def _(x, global_scale, block_size, element, scale_type):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+def _dynamic_setup(ctx, inputs, output):  # noqa: ANN001
+    ctx.save_for_backward(torch.isfinite(inputs[0]))
+
+
+fake_quant_dynamic.register_autograd(
+    lambda ctx, grad: (grad * ctx.saved_tensors[0],) + (None,) * 4, setup_context=_dynamic_setup
+)
