@@ -29,7 +29,7 @@ import torch.fx
 from qgraph import formats
 from qgraph._errors import QGraphError
 
-__all__ = ["export_onnx", "serialize", "const_array", "decode_weights"]
+__all__ = ["export_onnx", "serialize", "const_array", "const_or_dequantized", "decode_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return tensor.numpy() if tensor is not None else None
 
 
-def _const_or_dequantized(value: ir.Value | None) -> np.ndarray | None:
+def const_or_dequantized(value: ir.Value | None) -> np.ndarray | None:
     """A constant, or the float32 value of DequantizeLinear of constants (NVFP4 scale chains)."""
     array = const_array(value)
     node = value.producer() if value is not None and array is None else None
@@ -164,7 +164,7 @@ def _fold_weight_quantize(model: ir.Model) -> None:
         if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
         x = const_array(node.inputs[0])
-        scale = _const_or_dequantized(node.inputs[1])
+        scale = const_or_dequantized(node.inputs[1])
         zp = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         if x is None or scale is None or zp is None or x.dtype != np.float32:
             continue
@@ -221,10 +221,44 @@ def _free_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
+def _transposed_const(graph: ir.Graph, value: ir.Value, perm: list[int]) -> ir.Value | None:
+    """A new initializer holding ``value``'s constant transposed by ``perm`` (None if not constant)."""
+    array = const_array(value)
+    if array is None:
+        return None
+    array_t = np.ascontiguousarray(array.transpose(perm))
+    name = _free_name(graph, f"{value.name}_t")
+    init = ir.Value(name=name, const_value=ir.tensor(array_t, name=name))
+    init.shape = ir.Shape(array_t.shape)
+    init.type = ir.TensorType(ir.DataType.from_numpy(array_t.dtype))
+    graph.register_initializer(init)
+    return init
+
+
+def _transpose_block_scale(graph: ir.Graph, scale: ir.Value, perm: list[int]) -> ir.Value | None:
+    """The transposed blocked scale: a constant, or DequantizeLinear(E4M3 constant, global) (NVFP4)."""
+    direct = _transposed_const(graph, scale, perm)
+    if direct is not None:
+        return direct
+    chain = scale.producer()
+    if chain is None or chain.op_type != "DequantizeLinear" or len(chain.outputs[0].uses()) != 1:
+        return None
+    block_scales = _transposed_const(graph, chain.inputs[0], perm)
+    if block_scales is None:
+        return None
+    old = chain.inputs[0]
+    chain.replace_input_with(0, block_scales)
+    chain.outputs[0].shape = block_scales.shape
+    if not old.uses():
+        graph.initializers.pop(old.name, None)
+    return scale
+
+
 def _fold_weight_transpose(model: ir.Model) -> None:
+    """Transpose(DequantizeLinear(codes)) of a weight → DequantizeLinear of transposed codes."""
     graph = model.graph
     for node in list(graph):
-        if node.op_type != "DequantizeLinear" or len(node.outputs[0].uses()) != 1:
+        if node.op_type not in ("DequantizeLinear", "TRT_MXFP8DequantizeLinear") or len(node.outputs[0].uses()) != 1:
             continue
         codes = const_array(node.inputs[0])
         user = next(iter(node.outputs[0].uses())).node
@@ -232,23 +266,32 @@ def _fold_weight_transpose(model: ir.Model) -> None:
             continue
         perm_attr = user.attributes.get("perm")
         perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(codes.ndim))[::-1]
-        axis_attr = node.attributes.get("axis")
-        scale = const_array(node.inputs[1])
-        if scale is None:
+        scale = node.inputs[1]
+        scale_array = const_or_dequantized(scale)
+        if scale_array is None:
             continue
+        if node.attributes.get("block_size") is not None:
+            new_scale = _transpose_block_scale(graph, scale, perm)
+            if new_scale is None:
+                continue
+            if new_scale is not scale:
+                node.replace_input_with(1, new_scale)
+                if not scale.uses():
+                    graph.initializers.pop(scale.name, None)
+            zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+            zp_t = _transposed_const(graph, zero_point, perm) if zero_point is not None else None
+            if zp_t is not None:
+                node.replace_input_with(2, zp_t)
+                if not zero_point.uses():
+                    graph.initializers.pop(zero_point.name, None)
         old = node.inputs[0]
-        codes_t = np.ascontiguousarray(codes.transpose(perm))
-        name = _free_name(graph, f"{old.name}_t")
-        init = ir.Value(name=name, const_value=ir.tensor(codes_t, name=name))
-        init.shape = ir.Shape(codes_t.shape)
-        init.type = ir.TensorType(ir.DataType.from_numpy(codes_t.dtype))
-        graph.register_initializer(init)
-        node.replace_input_with(0, init)
-        if scale.ndim:
+        node.replace_input_with(0, _transposed_const(graph, old, perm))
+        if scale_array.ndim:
+            axis_attr = node.attributes.get("axis")
             axis = axis_attr.as_int() if axis_attr is not None else 1
             node.attributes["axis"] = ir.AttrInt64("axis", perm.index(axis % codes.ndim))
         out = node.outputs[0]
-        out.shape = ir.Shape(codes_t.shape)
+        out.shape = node.inputs[0].shape
         user.outputs[0].replace_all_uses_with(out)
         graph.remove(user, safe=True)
         if not old.uses():

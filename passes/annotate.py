@@ -38,13 +38,10 @@ from qgraph._pass import Pass, PassResult
 from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, node_label, op_kind
 from qgraph.observers import Observer
 from qgraph.passes._util import FLOAT_META, QUANT_META
-from qgraph.quant import FakeQuant, QSpec
+from qgraph.quant import FALLBACK_META, FakeQuant, QSpec
 from qgraph.rules import BackendRules
 
-__all__ = ["Annotate", "FALLBACK_META"]
-
-#: node.meta key: why an op runs in its recipe's fallback precision.
-FALLBACK_META = "qgraph.fallback"
+__all__ = ["Annotate"]
 
 
 class Annotate(Pass):
@@ -119,7 +116,7 @@ class Annotate(Pass):
                 alt = rules.fallback or "float"
                 raise PreconditionError(
                     f"{node_label(node)}: {rules.precision} is not supported here: {why}; "
-                    f"allow fallback to run it in {alt}, or override it"
+                    f"allow fallback (--fallback) to run it in {alt}, or override it"
                 ) from None
             if self.fallback == "float":
                 return {}, f"fallback to float: {why}", ""

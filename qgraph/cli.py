@@ -27,7 +27,30 @@ def _parser() -> argparse.ArgumentParser:
     lower.add_argument("model", help="a torch.export program (.pt2)")
     lower.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     lower.add_argument("--backend", default="tensorrt", help="target backend (default: tensorrt)")
-    lower.add_argument("--precision", default="int8", help="quantization recipe (default: int8)")
+    lower.add_argument(
+        "--precision",
+        default="int8",
+        help="quantization recipe: int8, fp8, w4a16, nvfp4, mxfp8, mxfp4 (default: int8)",
+    )
+    lower.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=PRECISION",
+        help="per-layer precision: node name or module path (fnmatch), @first or @last; "
+        "PRECISION may be float (repeatable, first match wins)",
+    )
+    lower.add_argument(
+        "--fallback",
+        action="store_true",
+        help="run ops the recipe cannot run on this backend (e.g. NVFP4 on Conv) in its fallback precision",
+    )
+    lower.add_argument(
+        "--form",
+        choices=("deploy", "reference"),
+        default="deploy",
+        help="deploy: what the backend parses; reference: the same numbers in standard ops onnxruntime runs",
+    )
     lower.add_argument("--calib", help=".npz with one array per model input, or a folder of them")
     lower.add_argument("--calibrator", choices=CALIBRATORS, default=None, help="default: max")
     lower.add_argument("--pipeline", help="pass pipeline spec (default: the PTQ pipeline)")
@@ -69,15 +92,18 @@ def _lower(args: argparse.Namespace) -> int:
         parity_samples=args.parity_samples,
         progress=not args.quiet,
         dump_dir=args.dump_dir,
+        overrides=args.override,
+        fallback=args.fallback,
+        form=args.form,
     )
-    if result.inspect.violations:
+    if result.inspect is not None and result.inspect.violations:
         raise QGraphError(
             f"lowered model breaks {args.backend} rules: {result.inspect.violations[0]}"
         )
     write_atomic(args.output, result.onnx)
     if not args.quiet:
         calib = result.pass_seconds.get("calibrate", 0.0)
-        print(f"qgraph lower: {args.model} -> {args.output} ({args.backend} {args.precision})")
+        print(f"qgraph lower: {args.model} -> {args.output} ({args.backend} {args.precision}, {args.form} form)")
         print(f"pipeline: {result.pipeline}")
         counts = result.counts
         print(
@@ -89,10 +115,12 @@ def _lower(args: argparse.Namespace) -> int:
             print(line)
         print(f"calibration: {result.calib_samples} samples in {calib:.2f} s")
         print(f"lowering to ONNX: {result.lower_seconds:.2f} s; total {time.perf_counter() - start:.2f} s")
-        print(result.parity.summary())
+        where = "" if result.parity_form == args.form else f" [{result.parity_form} form]"
+        print(result.parity.summary() + where)
         print(result.codes_summary())
-        q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
-        print(f"{args.backend} rules: OK ({q}/{n} weighted ops quantized)")
+        if result.inspect is not None:
+            q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
+            print(f"{args.backend} rules: OK ({q}/{n} weighted ops quantized)")
         print(f"wrote {args.output} ({len(result.onnx) / 1024:.1f} KiB)")
     return 0
 

@@ -45,6 +45,8 @@ class LoweringResult:
     codes: CodeAgreement | str
     inspect: object
     calib_samples: int
+    form: str = "deploy"
+    parity_form: str = "deploy"
 
     def codes_summary(self) -> str:
         """One line on activation-code agreement (or why it was not compared)."""
@@ -57,6 +59,31 @@ def backend_module(name: str):  # noqa: ANN201 - a backend module
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})")
     return BACKENDS[name]
+
+
+def resolve_recipe(module, precision: str, overrides=(), fallback: bool = False):  # noqa: ANN001, ANN201
+    """(rules, [(pattern, rules or None)], fallback rules / "float" / None) of a backend recipe.
+
+    ``overrides`` are ``PATTERN=PRECISION`` strings; PRECISION ``float`` keeps the op in float.
+    """
+    if precision not in module.RULES:
+        raise InputError(
+            f"backend {module.__name__.rsplit('.', 1)[-1]} has no precision {precision!r} "
+            f"(has: {', '.join(module.RULES)})"
+        )
+    rules = module.RULES[precision]
+    parsed = []
+    for item in overrides:
+        pattern, sep, prec = str(item).partition("=")
+        if not sep or not pattern or not prec:
+            raise InputError(f"--override {item!r}: expected PATTERN=PRECISION, e.g. '@last=int8' or 'fc*=float'")
+        if prec != "float" and prec not in module.RULES:
+            raise InputError(f"--override {item!r}: unknown precision {prec!r} (has: float, {', '.join(module.RULES)})")
+        parsed.append((pattern, None if prec == "float" else module.RULES[prec]))
+    chosen = None
+    if fallback:
+        chosen = module.RULES[rules.fallback] if rules.fallback else "float"
+    return rules, parsed, chosen
 
 
 def load_model(path: str | Path) -> torch.fx.GraphModule:
@@ -79,6 +106,8 @@ def quantize(
     pipeline: str,
     progress: bool = False,
     dump_dir: str | Path | None = None,
+    overrides=(),  # noqa: ANN001 - [(pattern, BackendRules | None)]
+    fallback=None,  # noqa: ANN001 - BackendRules | "float" | None
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Run a pipeline spec on ``gm`` in place; returns (counts, seconds per pass)."""
     from qgraph.passes import PASSES
@@ -88,7 +117,13 @@ def quantize(
     seq = build_pipeline(
         pipeline,
         PASSES,
-        context={"rules": rules, "data": data, "progress": progress},
+        context={
+            "rules": rules,
+            "overrides": overrides,
+            "fallback": fallback,
+            "data": data,
+            "progress": progress,
+        },
         instruments=instruments,
     )
     result = seq(gm)
@@ -107,13 +142,20 @@ def lower_file(
     parity_samples: int = 256,
     progress: bool = False,
     dump_dir: str | Path | None = None,
+    overrides=(),  # noqa: ANN001 - PATTERN=PRECISION strings
+    fallback: bool = False,
+    form: str = "deploy",
 ) -> LoweringResult:
-    """The whole job on files: load, calibrate and quantize, lower, inspect, check parity."""
+    """The whole job on files: load, calibrate and quantize, lower, inspect, check parity.
+
+    ``form`` ``deploy`` writes what the backend parses; ``reference`` its onnxruntime-runnable
+    twin. Parity is measured in onnxruntime on the deploy form when onnxruntime runs it (INT8,
+    FP8, INT4 weights), else on the reference form.
+    """
     module = backend_module(backend)
-    if precision not in module.RULES:
-        raise InputError(
-            f"backend {backend} has no precision {precision!r} (has: {', '.join(module.RULES)})"
-        )
+    if form not in module.FORMS:
+        raise InputError(f"unknown form {form!r} (known: {', '.join(module.FORMS)})")
+    rules, override_rules, fallback_rules = resolve_recipe(module, precision, overrides, fallback)
     gm = load_model(model_path)
     if calib_path is None:
         raise InputError("--calib DATA is required: PTQ needs calibration data")
@@ -124,7 +166,14 @@ def lower_file(
     data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
     spec = pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator)
     counts, seconds = quantize(
-        gm, data, rules=module.RULES[precision], pipeline=spec, progress=progress, dump_dir=dump_dir
+        gm,
+        data,
+        rules=rules,
+        pipeline=spec,
+        progress=progress,
+        dump_dir=dump_dir,
+        overrides=override_rules,
+        fallback=fallback_rules,
     )
     kinds = {type(m).__name__ for m in gm.modules()}
     if "Observer" in kinds:
@@ -134,22 +183,31 @@ def lower_file(
     sample = data.take(static_batch or min(parity_samples, data.samples))
     example = sample if static_batch or sample[0].shape[0] >= 2 else tuple(torch.cat([t, t]) for t in sample)
     start = time.perf_counter()
+    onnx_bytes = _lower(module, gm, example, form)
+    lower_seconds = time.perf_counter() - start
+    runnable = onnx_bytes if form == "reference" or module.ort_runnable(gm) else None
+    parity_form = form if runnable is not None else "reference"
+    if runnable is None:
+        runnable = _lower(module, gm, example, "reference")
+    parity = check_parity(gm, runnable, sample)
     try:
-        onnx_bytes = module.lower(gm, example)
+        codes: CodeAgreement | str = check_codes(gm, runnable, sample)
+    except QGraphError as exc:  # a diagnostic, not a reason to refuse the lowering
+        codes = f"activation codes: not compared ({exc})"
+    report = module.inspect_model(onnx.load_from_string(onnx_bytes)) if form == "deploy" else None
+    return LoweringResult(
+        onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, codes, report, data.samples,
+        form, parity_form,
+    )
+
+
+def _lower(module, gm: torch.fx.GraphModule, example: tuple, form: str) -> bytes:  # noqa: ANN001
+    try:
+        return module.lower(gm, example, form=form)
     except QGraphError:
         raise
     except Exception as exc:  # torch.export / torch.onnx refusing this model
         raise QGraphError(f"export to ONNX failed: {first_line(exc)}") from None
-    lower_seconds = time.perf_counter() - start
-    parity = check_parity(gm, onnx_bytes, sample)
-    try:
-        codes: CodeAgreement | str = check_codes(gm, onnx_bytes, sample)
-    except QGraphError as exc:  # a diagnostic, not a reason to refuse the lowering
-        codes = f"activation codes: not compared ({exc})"
-    report = module.inspect_model(onnx.load_from_string(onnx_bytes))
-    return LoweringResult(
-        onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, codes, report, data.samples
-    )
 
 
 def check_writable(path: str | Path) -> Path:

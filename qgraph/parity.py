@@ -132,8 +132,11 @@ def check_codes(
     """
     import onnx
 
+    from qgraph._errors import QGraphError
     from qgraph.quant import FakeQuant
 
+    if not all(m.spec.is_int8 for m in gm.modules() if isinstance(m, FakeQuant)):
+        raise QGraphError("codes are compared for INT8 quantizers only")
     proto = onnx.load_from_string(model)
     q_names, q_inputs = [], []
     outputs = {o.name for o in proto.graph.output}

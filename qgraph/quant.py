@@ -18,12 +18,14 @@ from torch import Tensor
 from qgraph import formats
 from qgraph import qops  # also registers qgraph::fake_quant_fmt / fake_quant_dynamic
 
-__all__ = ["QUANT_META", "FLOAT_META", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
+__all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
 
 
 #: fx ``node.meta`` keys of the quantization plan: {input index: QSpec}, and why a node stays float.
 QUANT_META = "qgraph.quant"
 FLOAT_META = "qgraph.float_reason"
+#: fx ``node.meta`` key: why an op runs in its recipe's fallback precision.
+FALLBACK_META = "qgraph.fallback"
 
 
 @dataclasses.dataclass(frozen=True)

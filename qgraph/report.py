@@ -7,7 +7,7 @@ from collections import Counter
 import torch.fx
 
 from qgraph.graph import op_kind
-from qgraph.quant import FLOAT_META, QUANT_META
+from qgraph.quant import FALLBACK_META, FLOAT_META, QUANT_META
 
 __all__ = ["plan_summary"]
 
@@ -33,6 +33,14 @@ def format_plan(gm: torch.fx.GraphModule) -> list[str]:
         f"quantized ({sum(quantized.values())} ops): "
         + (", ".join(f"{k}×{v}" for k, v in sorted(quantized.items())) or "none")
     ]
+    fell_back: dict[tuple[str, str], int] = {}
+    for node in gm.graph.nodes:
+        if node.meta.get(FALLBACK_META):
+            key = (op_kind(node) or node.name, node.meta[FALLBACK_META])
+            fell_back[key] = fell_back.get(key, 0) + 1
+    if fell_back:
+        lines.append(f"fell back ({sum(fell_back.values())} ops, allowed by fallback):")
+        lines += [f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(fell_back.items())]
     if left:
         lines.append(f"left in float ({sum(left.values())} ops):")
         lines += [f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(left.items())]

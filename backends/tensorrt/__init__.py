@@ -1,7 +1,22 @@
 """TensorRT backend: explicit-quantization QDQ ONNX (symmetric, zero-point 0, per-channel weights)."""
 
 from qgraph.backends.tensorrt.check import InspectReport, inspect_model
-from qgraph.backends.tensorrt.lower import lower
-from qgraph.backends.tensorrt.rules import INT8, OPSET, RULES
+from qgraph.backends.tensorrt.lower import FORMS, lower, ort_runnable, required_opset
+from qgraph.backends.tensorrt.rules import FP8, INT8, MXFP4, MXFP8, NVFP4, OPSET, RULES, W4A16
 
-__all__ = ["RULES", "INT8", "OPSET", "lower", "inspect_model", "InspectReport"]
+__all__ = [
+    "RULES",
+    "INT8",
+    "FP8",
+    "W4A16",
+    "NVFP4",
+    "MXFP8",
+    "MXFP4",
+    "OPSET",
+    "FORMS",
+    "lower",
+    "ort_runnable",
+    "required_opset",
+    "inspect_model",
+    "InspectReport",
+]

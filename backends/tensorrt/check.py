@@ -10,6 +10,11 @@ whether all its inputs are dequantized, and lists rule violations:
 * a weighted op with only some inputs quantized;
 * a per-channel activation, or a weight quantized on the wrong axis.
 
+Low-precision formats: FP8 codes, blocked INT4 weight-only GEMMs, NVFP4 (FP4 codes whose scale is
+a DequantizeLinear of E4M3 block scales by an FP32 scale, activations from ``trt::TRT_FP4DynamicQuantize``)
+and MXFP8 (``trt::TRT_MXFP8DequantizeLinear`` of E8M0 scales). Block formats must feed GEMMs only,
+blocked along the reduction axis; a dynamic quantizer needs a 2-D/3-D input.
+
 Warnings (legal but probably not intended): per-tensor weights; a Q/DQ pair whose output feeds
 only float ops (Q/DQ on the output of a weighted op); a weighted op left in float.
 """
@@ -22,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.backends._onnx import const_array
+from qgraph.backends._onnx import const_array, const_or_dequantized
 
 __all__ = ["InspectReport", "inspect_model"]
 
@@ -30,6 +35,9 @@ _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _QUANTIZED_INPUT_OPS = _WEIGHTED + ("Add", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Concat")
 _FORBIDDEN = ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QGemm")
 _INT_TYPES = (ir.DataType.INT8, ir.DataType.UINT8)
+_DQ_OPS = ("DequantizeLinear", "TRT_MXFP8DequantizeLinear")
+_DYNAMIC_Q = ("TRT_FP4DynamicQuantize", "TRT_MXFP8DynamicQuantize")
+_GEMMS = ("Gemm", "MatMul")
 
 
 @dataclasses.dataclass
@@ -75,7 +83,7 @@ def _producer(value: ir.Value | None) -> ir.Node | None:
 def _is_constant_input(value: ir.Value | None) -> bool:
     """A weight: an initializer, or a DequantizeLinear of an initializer / Q of an initializer."""
     node = _producer(value)
-    if node is None or node.op_type != "DequantizeLinear":
+    if node is None or node.op_type not in _DQ_OPS:
         return const_array(value) is not None
     source = node.inputs[0]
     q = _producer(source)
@@ -120,13 +128,52 @@ def inspect_model(model: onnx.ModelProto) -> InspectReport:
             report.violations.append(f"{node.name}: {node.op_type} is not supported by TensorRT's parser")
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             _check_qdq(node, report)
+        if node.op_type in _DQ_OPS and node.attributes.get("block_size") is not None:
+            _check_blocked(node, report)
+        if node.op_type in _DYNAMIC_Q:
+            _check_dynamic(node, report)
         if node.op_type in _WEIGHTED:
             _check_weighted(node, report)
     return report
 
 
+def _check_blocked(node: ir.Node, report: InspectReport) -> None:
+    """Block formats (INT4, NVFP4, MXFP8) run on GEMMs only (TensorRT has no such Conv kernels)."""
+    for use in node.outputs[0].uses():
+        user = use.node
+        if user.op_type in _DQ_OPS:
+            continue  # an NVFP4 scale chain
+        if user.op_type not in _GEMMS:
+            report.violations.append(
+                f"{node.name}: block-quantized values feed {user.op_type} {user.name or ''}".rstrip()
+                + " (TensorRT runs block formats on Gemm/MatMul only)"
+            )
+
+
+def _check_dynamic(node: ir.Node, report: InspectReport) -> None:
+    shape = node.inputs[0].shape
+    if shape is not None and len(shape) not in (2, 3):
+        report.violations.append(f"{node.name}: {node.op_type} needs a 2-D or 3-D input, got rank {len(shape)}")
+    if node.op_type == "TRT_FP4DynamicQuantize":
+        scale = const_array(node.inputs[1] if len(node.inputs) > 1 else None)
+        if scale is None or scale.size != 1 or not (np.isfinite(scale).all() and (scale > 0).all()):
+            report.violations.append(f"{node.name}: the global scale must be one positive constant")
+
+
+def _dynamic_scale(value: ir.Value | None) -> bool:
+    """A run-time block scale: DequantizeLinear of a TRT dynamic quantizer's block scales."""
+    node = _producer(value)
+    if node is None or node.op_type != "DequantizeLinear":
+        return False
+    source = _producer(node.inputs[0])
+    return source is not None and source.op_type in _DYNAMIC_Q and const_array(node.inputs[1]) is not None
+
+
 def _check_qdq(node: ir.Node, report: InspectReport) -> None:
-    scale = const_array(node.inputs[1] if len(node.inputs) > 1 else None)
+    scale_value = node.inputs[1] if len(node.inputs) > 1 else None
+    scale = const_or_dequantized(scale_value)
+    if scale is None and _dynamic_scale(scale_value):
+        return
     if scale is None:
         report.violations.append(f"{node.name}: scale is not a constant")
     elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
@@ -149,7 +196,7 @@ def _check_qdq(node: ir.Node, report: InspectReport) -> None:
         report.violations.append(f"{node.name}: uint8 codes (TensorRT needs int8 or FP8)")
     if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is None:
         users = [u.node.op_type for u in node.outputs[0].uses()]
-        if users and not any(u in _QUANTIZED_INPUT_OPS for u in users):
+        if users and not any(u in _QUANTIZED_INPUT_OPS + _DQ_OPS for u in users):
             report.warnings.append(
                 f"{node.name}: Q/DQ output feeds only float ops ({', '.join(sorted(set(users)))})"
             )
@@ -157,10 +204,14 @@ def _check_qdq(node: ir.Node, report: InspectReport) -> None:
 
 def _check_weighted(node: ir.Node, report: InspectReport) -> None:
     inputs = node.inputs[:2]
-    dq = [_producer(v) is not None and _producer(v).op_type == "DequantizeLinear" for v in inputs]
-    quantized = all(dq) and len(dq) == 2
+    dq = [_producer(v) is not None and _producer(v).op_type in _DQ_OPS for v in inputs]
+    weight_only = [
+        d and _is_constant_input(v) and _producer(v).attributes.get("block_size") is not None
+        for v, d in zip(inputs, dq)
+    ]
+    quantized = (all(dq) and len(dq) == 2) or any(weight_only)
     report.weighted.append((node.name, node.op_type, quantized))
-    if any(dq) and not all(dq):
+    if any(dq) and not all(dq) and not any(weight_only):
         report.violations.append(f"{node.name}: {node.op_type} has only some inputs quantized")
         return
     if not quantized:
@@ -168,6 +219,11 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
         return
     for index, value in enumerate(inputs):
         deq = _producer(value)
+        if deq is None or deq.op_type not in _DQ_OPS:
+            continue  # the float activation of a weight-only GEMM
+        if deq.attributes.get("block_size") is not None:
+            _check_block_axis(node, deq, value, index, report)
+            continue
         scale = const_array(deq.inputs[1])
         per_channel = scale is not None and scale.size > 1
         if not _is_constant_input(value):
@@ -186,3 +242,20 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
                 f"{node.name}: weight {value.name} quantized on axis {axis}, "
                 f"expected the output-channel axis {expected}"
             )
+
+
+def _check_block_axis(node: ir.Node, deq: ir.Node, value: ir.Value, index: int, report: InspectReport) -> None:
+    """Blocks must run along the reduction axis (K) of the GEMM."""
+    shape = deq.outputs[0].shape
+    rank = len(shape) if shape is not None else _weight_rank(deq)
+    axis_attr = deq.attributes.get("axis")
+    axis = (axis_attr.as_int() if axis_attr is not None else 1) % rank
+    if _is_constant_input(value):
+        channel = _weight_axis(node, rank, index)
+        expected = (1 - channel) % rank if rank == 2 else rank - 1
+    else:
+        expected = rank - 1  # activations: blocks on the last axis (K of the left operand)
+    if axis != expected:
+        report.violations.append(
+            f"{node.name}: {value.name} is blocked along axis {axis}, expected the reduction axis {expected}"
+        )

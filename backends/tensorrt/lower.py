@@ -10,7 +10,7 @@ from qgraph.backends import _onnx
 from qgraph.backends.tensorrt.rules import OPSET
 from qgraph.quant import FakeQuant, QSpec
 
-__all__ = ["lower", "required_opset", "FORMS"]
+__all__ = ["lower", "required_opset", "ort_runnable", "FORMS"]
 
 #: ``deploy``: what TensorRT parses; ``reference``: standard ops onnxruntime's CPU provider runs.
 FORMS = ("deploy", "reference")
@@ -32,6 +32,12 @@ def required_opset(gm: torch.fx.GraphModule) -> int:
     """The lowest opset that holds every quantizer of ``gm`` (20 for INT8/FP8, 21 INT4/MX, 23 FP4)."""
     specs = [m.spec for m in gm.modules() if isinstance(m, FakeQuant)]
     return max([OPSET] + [_spec_opset(s) for s in specs])
+
+
+def ort_runnable(gm: torch.fx.GraphModule) -> bool:
+    """Whether onnxruntime's CPU provider runs the deploy form (no FP4, no TensorRT custom ops)."""
+    specs = [m.spec for m in gm.modules() if isinstance(m, FakeQuant)]
+    return not any(s.dynamic or s.dtype == "fp4_e2m1" or s.scale_type == "e8m0" for s in specs)
 
 
 def lower(
