@@ -1,0 +1,166 @@
+"""Every recipe on the test zoo: deploy form (checker, TensorRT rules, stored codes) and the
+onnxruntime reference form (runs, reproduces torch fake-quant)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from qgraph import QGraphError, Sequential, capture
+from qgraph.backends import tensorrt
+from qgraph.backends._onnx import const_array, const_or_dequantized
+from qgraph.examples.zoo import ZOO, make
+from qgraph.parity import check_parity
+from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ
+from qgraph.quant import FakeQuant
+
+RECIPES = ("fp8", "w4a16", "nvfp4", "mxfp8", "mxfp4")
+DEPLOYABLE = ("fp8", "w4a16", "nvfp4", "mxfp8")
+
+
+def _rules(precision: str):
+    rules = tensorrt.RULES[precision]
+    if precision == "w4a16":  # the zoo's layers are 32-128 wide: blocks of 32 let every GEMM take INT4
+        rules = dataclasses.replace(rules, weight=dataclasses.replace(rules.weight, block_size=32))
+    return rules
+
+
+@functools.cache
+def quantized(name: str, precision: str):
+    """(fake-quant graph, calibration batches) of a zoo model under a recipe, with fallback."""
+    model, x = make(name)
+    gm = capture(model, (x,))
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(3)]
+    rules = _rules(precision)
+    fallback = tensorrt.RULES[rules.fallback] if rules.fallback else "float"
+    Sequential(
+        [FoldBatchNorm(), Annotate(rules, fallback=fallback), InsertObservers("max"), Calibrate(calib), InsertQDQ()]
+    )(gm)
+    return gm, calib
+
+
+@functools.cache
+def lowered(name: str, precision: str, form: str) -> bytes:
+    gm, calib = quantized(name, precision)
+    return tensorrt.lower(gm, (calib[0],), form=form)
+
+
+@pytest.mark.parametrize("precision", DEPLOYABLE)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_deploy_form_checker_and_tensorrt_rules(name, precision):
+    proto = onnx.load_from_string(lowered(name, precision, "deploy"))
+    onnx.checker.check_model(proto, full_check=True)
+    opset = {o.domain: o.version for o in proto.opset_import}
+    assert opset[""] == {"fp8": 20, "w4a16": 21, "nvfp4": 23, "mxfp8": 21}[precision]
+    report = tensorrt.inspect_model(proto)
+    assert report.violations == []
+    if precision == "w4a16":  # weight-only INT4 runs on GEMMs with constant weights only
+        assert report.quantized_weighted >= 1
+        assert all(op in ("Conv", "MatMul") for _, op, q in report.weighted if not q)
+    else:  # the rest quantize every weighted op (Conv falls back to FP8)
+        assert report.weighted and report.quantized_weighted == len(report.weighted)
+
+
+@pytest.mark.parametrize("precision", RECIPES)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_reference_form_reproduces_fake_quant(name, precision):
+    """ORT runs the reference form and matches torch: exactly on GEMM-only graphs; conv graphs
+    within 1% of the output range (oneDNN and MLAS sum convolutions in different orders, which
+    can move a value across an FP8 rounding boundary of a later quantizer)."""
+    gm, calib = quantized(name, precision)
+    data = lowered(name, precision, "reference")
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    report = check_parity(gm, data, (calib[1],))
+    assert report.max_relative <= 0.01, report.summary()
+
+
+@pytest.mark.parametrize("precision", ("fp8", "w4a16"))
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_ort_runs_the_deploy_form_of_standard_formats(name, precision):
+    gm, calib = quantized(name, precision)
+    report = check_parity(gm, lowered(name, precision, "deploy"), (calib[1],))
+    assert report.max_relative <= 0.01, report.summary()
+
+
+def _decoded_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
+    """Every dequantized constant weight of a deploy-form model, decoded in numpy."""
+    graph = ir.serde.deserialize_model(proto).graph
+    out = []
+    for node in graph:
+        if const_array(node.inputs[0]) is None:
+            continue
+        if any(use.node.op_type == "DequantizeLinear" and use.idx == 1 for use in node.outputs[0].uses()):
+            continue  # an NVFP4 block-scale DequantizeLinear (the scale of the weight's), not a weight
+        if node.op_type == "DequantizeLinear":
+            out.append(const_or_dequantized(node.outputs[0]))
+        elif node.op_type == "TRT_MXFP8DequantizeLinear":
+            codes = const_array(node.inputs[0]).astype(np.float32)
+            bits = const_array(node.inputs[1])
+            scale = bits.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+            axis = node.attributes["axis"].as_int() % codes.ndim
+            block = node.attributes["block_size"].as_int()
+            out.append(codes * np.repeat(scale, block, axis=axis).take(range(codes.shape[axis]), axis=axis))
+    return out
+
+
+@pytest.mark.parametrize("precision", DEPLOYABLE)
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_deployed_weight_codes_decode_to_the_trained_weights(name, precision):
+    """Codes are computed once: decoding the stored initializers gives torch's fake-quant weights."""
+    gm, _ = quantized(name, precision)
+    want = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuant):
+            module = gm.get_submodule(node.target)
+            if module.spec.role == "weight":
+                with torch.no_grad():
+                    want.append(module(getattr(gm, node.args[0].target.split(".")[0]) if False else
+                                       _attr(gm, node.args[0].target)).numpy())
+    got = _decoded_weights(onnx.load_from_string(lowered(name, precision, "deploy")))
+    assert len(got) == len(want) > 0
+    for w in want:
+        assert any(g.shape == w.shape and np.array_equal(g, w) or g.shape == w.T.shape and np.array_equal(g, w.T)
+                   for g in got), f"no stored weight decodes to the {w.shape} torch weight"
+
+
+def _attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_stored_types_per_recipe():
+    types = {}
+    for precision in DEPLOYABLE:
+        proto = onnx.load_from_string(lowered("mlp", precision, "deploy"))
+        types[precision] = {i.data_type for i in proto.graph.initializer}
+    T = onnx.TensorProto
+    assert T.FLOAT8E4M3FN in types["fp8"]
+    assert T.INT4 in types["w4a16"]
+    assert {T.FLOAT4E2M1, T.FLOAT8E4M3FN} <= types["nvfp4"]
+    assert {T.FLOAT8E4M3FN, T.UINT8} <= types["mxfp8"]
+    nv = onnx.load_from_string(lowered("mlp", "nvfp4", "deploy"))
+    ops = [n.op_type for n in nv.graph.node]
+    assert ops.count("TRT_FP4DynamicQuantize") == 3
+    assert all(n.domain == "trt" for n in nv.graph.node if n.op_type.startswith("TRT_"))
+
+
+def test_deploy_and_reference_are_deterministic():
+    gm, calib = quantized("transformer", "nvfp4")
+    for form in ("deploy", "reference"):
+        assert tensorrt.lower(gm, (calib[0],), form=form) == tensorrt.lower(gm, (calib[0],), form=form)
+
+
+def test_mxfp4_has_no_tensorrt_deploy_form():
+    gm, calib = quantized("mlp", "mxfp4")
+    with pytest.raises(QGraphError, match="no MXFP4 path"):
+        tensorrt.lower(gm, (calib[0],))
