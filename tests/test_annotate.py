@@ -224,3 +224,64 @@ def test_verify_after_annotate(name):
     Annotate(INT8)(gm)
     qgraph.verify(gm)
     assert _plan(gm)  # every zoo model gets some quantized edges
+
+
+# --- recipes: overrides, unsupported op/format pairs, fallback ----------------------------------
+
+
+def _zoo(name: str):
+    from qgraph import capture
+    from qgraph.examples.zoo import make
+
+    model, x = make(name)
+    return capture(model, (x,))
+
+
+def test_nvfp4_on_conv_is_an_error_naming_the_node():
+    from qgraph import PreconditionError
+    from qgraph.backends.tensorrt import NVFP4
+
+    with pytest.raises(PreconditionError, match=r"conv2d \(Conv\): nvfp4 is not supported here: TensorRT runs NVFP4 on GEMMs"):
+        Annotate(NVFP4)(_zoo("rescnn"))
+
+
+def test_fallback_runs_unsupported_ops_in_the_fallback_recipe():
+    from qgraph.backends.tensorrt import FP8, NVFP4
+    from qgraph.quant import FALLBACK_META
+
+    gm = _zoo("rescnn")
+    assert Annotate(NVFP4, fallback=FP8)(gm).modified
+    convs = [n for n in gm.graph.nodes if n.name.startswith("conv2d")]
+    gemm = next(n for n in gm.graph.nodes if n.name == "linear")
+    assert convs and all(n.meta[QUANT][1].dtype == "fp8_e4m3" and FALLBACK_META in n.meta for n in convs)
+    assert gemm.meta[QUANT][1].dtype == "fp4_e2m1" and gemm.meta[QUANT][1].block_size == 16
+    assert gemm.meta[QUANT][0].dynamic and FALLBACK_META not in gemm.meta
+    assert not Annotate(NVFP4, fallback=FP8)(gm).modified  # idempotent
+
+
+def test_overrides_first_last_and_patterns():
+    from qgraph.backends.tensorrt import FP8, INT8
+
+    gm = _zoo("mlp")
+    Annotate(FP8, overrides=[("@first", None), ("@last", INT8)])(gm)
+    linears = [n for n in gm.graph.nodes if n.name.startswith("linear")]
+    assert QUANT not in linears[0].meta and "override '@first'" in linears[0].meta[FLOAT]
+    assert linears[1].meta[QUANT][1].dtype == "fp8_e4m3"
+    assert linears[2].meta[QUANT][1].dtype == "int8"
+    Annotate(FP8, overrides=[("net.2", None)])(gm)  # module path, fnmatch
+    assert QUANT not in linears[1].meta and QUANT in linears[0].meta
+
+
+def test_block_size_that_does_not_divide_is_refused_or_falls_back():
+    import dataclasses
+
+    from qgraph import PreconditionError
+    from qgraph.backends.tensorrt import W4A16
+
+    gm = _zoo("mlp")  # K = 64 and 128: blocks of 128 do not divide the first layer
+    with pytest.raises(PreconditionError, match="reduction dim 64 of the weight is not a multiple of the block size 128"):
+        Annotate(W4A16)(gm)
+    Annotate(W4A16, fallback="float")(gm)
+    linears = [n for n in gm.graph.nodes if n.name.startswith("linear")]
+    assert "fallback to float" in linears[0].meta[FLOAT]
+    assert linears[1].meta[QUANT] == {1: dataclasses.replace(W4A16.weight, axis=1)}

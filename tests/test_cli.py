@@ -288,3 +288,42 @@ def test_zero_input_in_one_file_of_a_folder_is_fine(tmp_path, model_file, capsys
     np.savez(folder / "b.npz", x=np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32))
     out = tmp_path / "o.onnx"
     assert main(["lower", str(model_file), "-o", str(out), "--calib", str(folder), "-q"]) == 0
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4", "mxfp8"])
+def test_lower_each_recipe(model_file, calib_file, tmp_path, capsys, precision):
+    out = tmp_path / "out.onnx"
+    assert main(["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--precision", precision]) == 0
+    printed = capsys.readouterr().out
+    assert f"tensorrt {precision}, deploy form" in printed and "tensorrt rules: OK (3/3" in printed
+    assert "parity" in printed and " 0 (0.000% of max|y|)" in printed, printed  # GEMM-only: exact
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_reference_form_and_override(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / "ref.onnx"
+    args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--precision", "mxfp4"]
+    assert main(args + ["--form", "reference", "--override", "@last=float"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept in float by override '@last'" in printed
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "Round" in ops and not any(op.startswith("TRT_") for op in ops)
+
+
+def test_recipe_bad_input(model_file, calib_file, tmp_path, capsys):
+    conv_model = tmp_path / "cnn.pt2"
+    model, x = make("rescnn")
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(conv_model))
+    conv_calib = _npz(tmp_path, x=np.random.default_rng(1).standard_normal((8, *x.shape[1:])).astype(np.float32))
+    err = _bad(tmp_path, conv_model, conv_calib, capsys, "--precision", "nvfp4")
+    assert "conv2d (Conv): nvfp4 is not supported here" in err and "--fallback" in err
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "mxfp4")
+    assert "no MXFP4 path" in err
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "w4a16")
+    assert "reduction dim 64 of the weight is not a multiple of the block size 128" in err
+    assert "PATTERN=PRECISION" in _bad(tmp_path, model_file, calib_file, capsys, "--override", "fc")
+    assert "unknown precision 'int3'" in _bad(tmp_path, model_file, calib_file, capsys, "--override", "fc=int3")
+    assert "no precision 'fp16'" in _bad(tmp_path, model_file, calib_file, capsys, "--precision", "fp16")
