@@ -142,7 +142,7 @@ def const_or_dequantized(value: ir.Value | None) -> np.ndarray | None:
     node = value.producer() if value is not None and array is None else None
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return array
-    ins = [const_array(v) for v in node.inputs]
+    ins = [const_or_dequantized(v) for v in node.inputs]
     if any(a is None for a in ins):
         return None
     axis, block = _axis_block(node, ins[1])

@@ -15,8 +15,8 @@ from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
 from qgraph.calibrators import CALIBRATORS
 from qgraph.observers import Observer
-from qgraph.passes._util import QUANT_META, insert_module_after
-from qgraph.graph import unique_attr_name
+from qgraph.passes._util import FLOAT_META, QUANT_META, insert_module_after
+from qgraph.graph import op_kind, unique_attr_name
 
 __all__ = ["InsertObservers"]
 
@@ -55,6 +55,13 @@ class InsertObservers(Pass):
 
     def requires(self, graph: torch.fx.GraphModule) -> None:
         if not any(QUANT_META in n.meta for n in graph.graph.nodes):
+            floats = [n for n in graph.graph.nodes if n.meta.get(FLOAT_META)]
+            # the most telling reason: a GEMM's, then a Conv's, then any
+            floats.sort(key=lambda n: {"Gemm": 0, "MatMul": 0, "Conv": 1}.get(op_kind(n) or "", 2))
+            if floats:
+                raise PreconditionError(
+                    f"the plan quantizes nothing ({floats[0].name}: {floats[0].meta[FLOAT_META]})"
+                )
             raise PreconditionError("no quantization annotations: run `annotate` first")
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:

@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="lower the bundled digits CNN and compare FP32 vs INT8")
     demo.add_argument("-o", "--output", default="digits_cnn_int8.onnx", help="the ONNX file to write")
     demo.add_argument("--calibrator", choices=CALIBRATORS, default="max")
+    demo.add_argument("--precision", default="int8", help="recipe (default: int8); conv layers fall back")
+    demo.add_argument("--form", choices=("deploy", "reference"), default="deploy", help="ONNX form to write")
     return parser
 
 
@@ -146,7 +148,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from qgraph.examples.demo import run_demo
 
-    return run_demo(args.output, args.calibrator)
+    return run_demo(args.output, args.calibrator, args.precision, args.form)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ class LoweringResult:
     calib_samples: int
     form: str = "deploy"
     parity_form: str = "deploy"
+    runnable: bytes = b""  # the ONNX that onnxruntime ran for parity (the output, or its reference form)
 
     def codes_summary(self) -> str:
         """One line on activation-code agreement (or why it was not compared)."""
@@ -197,7 +198,7 @@ def lower_file(
     report = module.inspect_model(onnx.load_from_string(onnx_bytes)) if form == "deploy" else None
     return LoweringResult(
         onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, codes, report, data.samples,
-        form, parity_form,
+        form, parity_form, runnable,
     )
 
 

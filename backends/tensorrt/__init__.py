@@ -2,7 +2,7 @@
 
 from qgraph.backends.tensorrt.check import InspectReport, inspect_model
 from qgraph.backends.tensorrt.lower import FORMS, lower, ort_runnable, required_opset
-from qgraph.backends.tensorrt.rules import FP8, INT8, MXFP4, MXFP8, NVFP4, OPSET, RULES, W4A16
+from qgraph.backends.tensorrt.rules import FP8, INT8, MXFP4, MXFP8, NVFP4, OPSET, RULES, W4A16, WEIGHTED_KINDS
 
 __all__ = [
     "RULES",
@@ -13,6 +13,7 @@ __all__ = [
     "MXFP8",
     "MXFP4",
     "OPSET",
+    "WEIGHTED_KINDS",
     "FORMS",
     "lower",
     "ort_runnable",
