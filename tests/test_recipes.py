@@ -17,6 +17,7 @@ from qgraph import QGraphError, Sequential, capture
 from qgraph.backends import tensorrt
 from qgraph.backends._onnx import const_array, const_or_dequantized
 from qgraph.examples.zoo import ZOO, make
+from qgraph.graph import get_attr
 from qgraph.parity import check_parity
 from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ
 from qgraph.quant import FakeQuant
@@ -122,20 +123,12 @@ def test_deployed_weight_codes_decode_to_the_trained_weights(name, precision):
             module = gm.get_submodule(node.target)
             if module.spec.role == "weight":
                 with torch.no_grad():
-                    want.append(module(getattr(gm, node.args[0].target.split(".")[0]) if False else
-                                       _attr(gm, node.args[0].target)).numpy())
+                    want.append(module(get_attr(gm, node.args[0].target)).numpy())
     got = _decoded_weights(onnx.load_from_string(lowered(name, precision, "deploy")))
     assert len(got) == len(want) > 0
     for w in want:
         assert any(g.shape == w.shape and np.array_equal(g, w) or g.shape == w.T.shape and np.array_equal(g, w.T)
                    for g in got), f"no stored weight decodes to the {w.shape} torch weight"
-
-
-def _attr(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def test_stored_types_per_recipe():
