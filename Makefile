@@ -19,5 +19,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
 
-bench: $(VENV)/.installed
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_lower.py
+	$(PY) benchmarks/bench_formats.py
+	$(PY) benchmarks/bench_recipes.py

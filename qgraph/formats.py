@@ -19,10 +19,14 @@ onnxruntime and ``onnx.reference`` to that.
 Scale rules (all float32 arithmetic, in this order, so numpy, torch and ONNX agree bit for bit):
 
 * integer, per tensor/channel/block: ``amax / qmax`` (127 for INT8, 7 for INT4: codes stay in
-  [-qmax, qmax] up to rounding; -128/-8 are reachable only by saturation); amax 0 → scale 1;
-* FP8: ``amax / 448`` (E4M3) or ``amax / 57344`` (E5M2); amax 0 → scale 1;
+  [-qmax, qmax] up to rounding; -128/-8 are reachable only by saturation);
+* FP8: ``amax / 448`` (E4M3) or ``amax / 57344`` (E5M2);
 * NVFP4: ``s_g = amax / 2688`` (6·448), ``s_b = E4M3(clip(block_amax / (6·s_g), 2^-9, 448))``,
   elements ``E2M1(x / (s_b·s_g))``;
+* a scale (or NVFP4 ``s_g``) that would be zero or subnormal — amax 0, or a tensor whose values
+  are all below ~1e-36 — is 1 instead: every code is then 0, scales stay positive normal floats
+  (TensorRT needs positive scales; runtimes may flush subnormals), and ``x / scale`` never
+  divides by zero;
 * MX: the OCP rule ``e = floor(log2(block_amax)) - emax(element)`` (emax: E4M3 8, E5M2 15,
   E2M1 2), clipped to [-127, 127], elements saturate. We follow the spec (not the round-up
   variant some toolkits use) so that a block's largest value keeps full precision and
@@ -195,8 +199,13 @@ def absmax_scale(
         amax = block_amax(x, axis, block_size)
     else:
         amax = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).max(axis=1)
-    amax = np.asarray(amax, np.float32)
-    return np.where(amax > 0, amax / np.float32(elem.max_abs), np.float32(1)).astype(np.float32)
+    return _positive(np.asarray(amax, np.float32) / np.float32(elem.max_abs))
+
+
+def _positive(scale: np.ndarray) -> np.ndarray:
+    """Scales below the smallest normal float32 (zero included) become 1."""
+    scale = np.asarray(scale, np.float32)
+    return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1)).astype(np.float32)
 
 
 def nvfp4_scales(
@@ -209,7 +218,7 @@ def nvfp4_scales(
     ``DequantizeLinear`` compute).
     """
     amax = np.float32(np.abs(x).max() if global_amax is None else global_amax)
-    s_g = np.float32(amax / np.float32(6 * 448)) if amax > 0 else np.float32(1)
+    s_g = np.float32(_positive(amax / np.float32(6 * 448)))
     ratio = block_amax(x, axis, block_size) / (np.float32(6) * s_g)
     s_b = np.clip(ratio, _E4M3_MIN, _E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
     return s_b, s_g

@@ -104,17 +104,20 @@ def absmax_scale(x: Tensor, elem: Element | str, axis: int | None = None, block_
     return scale_from_amax(amax, elem)
 
 
+def positive(scale: Tensor) -> Tensor:
+    """Scales below the smallest normal float32 (zero included) become 1 (see qgraph.formats)."""
+    return torch.where(scale >= torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))
+
+
 def scale_from_amax(amax: Tensor, elem: Element | str) -> Tensor:
-    """``amax / max_abs`` in float32, 1 where amax is 0 (scales must be positive)."""
+    """``amax / max_abs`` in float32; 1 where that is zero or subnormal (scales must be positive)."""
     elem = fmt.element(elem) if isinstance(elem, str) else elem
-    amax = amax.detach().to(torch.float32)
-    return torch.where(amax > 0, amax / elem.max_abs, torch.ones_like(amax))
+    return positive(amax.detach().to(torch.float32) / elem.max_abs)
 
 
 def nvfp4_global_scale(amax: Tensor) -> Tensor:
-    """NVFP4 per-tensor scale ``amax / (6 * 448)`` (1 for an all-zero tensor)."""
-    amax = amax.detach().to(torch.float32)
-    return torch.where(amax > 0, amax / 2688.0, torch.ones_like(amax))
+    """NVFP4 per-tensor scale ``amax / (6 * 448)`` (1 for an all-zero or all-subnormal tensor)."""
+    return positive(amax.detach().to(torch.float32) / 2688.0)
 
 
 def _nvfp4_block_scale(block_amax_: Tensor, global_scale: Tensor) -> Tensor:

@@ -230,9 +230,9 @@ class FakeQuant(torch.nn.Module):
 def symmetric_scale(amax: Tensor, spec: QSpec) -> Tensor:
     """Scale for a symmetric range [-amax, amax]: ``amax / qmax`` (127 for int8).
 
-    Channels whose amax is 0 (all-zero weights) get scale 1.0: their codes are 0 whatever the
-    scale, and TensorRT requires every scale to be positive.
+    Channels whose amax is 0 (all-zero weights), or so small that the scale would be subnormal,
+    get scale 1.0: their codes are 0 whatever the scale, and TensorRT requires every scale to be
+    positive.
     """
     amax = amax.detach().to(torch.float32)
-    scale = amax / float(spec.qmax if spec.dtype == "int8" else 127)
-    return torch.where(amax > 0, scale, torch.ones_like(scale))
+    return qops.positive(amax / float(spec.qmax if spec.dtype == "int8" else 127))
