@@ -261,3 +261,54 @@ def test_verify_after_insert_qdq(name):
     InsertQDQ()(gm)
     qgraph.verify(gm)
     assert gm(torch.randn(2, *x.shape[1:])).shape[0] == 2  # still batch-dynamic
+
+
+# --- low-precision recipes ------------------------------------------------------------------------
+
+
+def _recipe_graph(rules):
+    model, x = make("mlp")
+    gm = qgraph.capture(model, (x,))
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(2)]
+    Sequential([Annotate(rules), InsertObservers("max"), Calibrate(data)])(gm)
+    return gm, model, data
+
+
+def test_mx_activations_get_dynamic_quantizers_without_observers():
+    from qgraph.backends.tensorrt import MXFP8
+
+    gm, _, _ = _recipe_graph(MXFP8)
+    assert not [m for m in gm.modules() if isinstance(m, Observer)]  # nothing to calibrate
+    result = InsertQDQ()(gm)
+    assert result.modified and result.counts == {"activations": 3, "weights": 3}
+    specs = collections.Counter(
+        (m.spec.role, m.spec.dtype, m.spec.block_size, m.spec.scale_type, m.spec.dynamic)
+        for m in gm.modules() if isinstance(m, FakeQuant)
+    )
+    assert specs == {("activation", "fp8_e4m3", 32, "e8m0", True): 3, ("weight", "fp8_e4m3", 32, "e8m0", False): 3}
+    before = copy.deepcopy(gm)
+    assert not InsertQDQ()(gm).modified  # idempotent
+    assert str(gm.graph) == str(before.graph)
+
+
+def test_nvfp4_quantizers_hold_two_level_scales_and_stay_within_a_step():
+    from qgraph import qops
+    from qgraph.backends.tensorrt import NVFP4
+
+    gm, model, data = _recipe_graph(NVFP4)
+    InsertQDQ()(gm)
+    weight = gm.get_submodule("fq_net_0_weight")
+    assert weight.scale.shape == (128, 64 // 16) and weight.global_scale.shape == ()
+    w = model.net[0].weight.detach()
+    block_scale, global_scale = qops.nvfp4_scales(w, axis=1, block_size=16)
+    assert torch.equal(weight.scale, block_scale) and torch.equal(weight.global_scale, global_scale)
+    with torch.no_grad():
+        wq = weight(w)
+    # FP4 E2M1: the largest grid step is 2 (4 -> 6); rounding errs by at most half a step, i.e. one
+    # effective block scale
+    step = (block_scale * global_scale).repeat_interleave(16, dim=1)
+    assert ((wq - w).abs() <= step + 1e-12).all()
+    act = gm.get_submodule("fq_x")
+    assert act.spec.dynamic and act.global_scale > 0
+    assert torch.equal(act.global_scale, qops.nvfp4_global_scale(data[0].abs().max().maximum(data[1].abs().max())))
