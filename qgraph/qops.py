@@ -44,25 +44,32 @@ SCALE_TYPES = ("fp8_e4m3", "e8m0")
 _TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-def _round_e2m1(y: Tensor) -> Tensor:
+def _round_e2m1_(y: Tensor) -> Tensor:
     """Round to FP4 E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), half to even, saturating at ±6.
 
     In each binade the grid is evenly spaced (step 0.5 below 2, 1 in [2, 4), 2 in [4, 6]) and
-    the even code is the even multiple of the step, so ``round(a / step) * step`` is exact RNE.
+    the even code is the even multiple of the step, so ``round(a / step) * step`` is exact RNE;
+    ``1 / step`` is 2 ** ((a < 2) + (a < 4) - 1). Returns a new tensor; ``y`` is left as it is.
     """
-    a = y.abs().clamp(max=6.0)
-    q = torch.where(a < 2.0, torch.round(a * 2.0) * 0.5, torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0))
-    return torch.copysign(q, y)
+    a = y.abs().clamp_(max=6.0)
+    inv_step = (a < 2.0).to(a.dtype).add_((a < 4.0).to(a.dtype)).exp2_().mul_(0.5)
+    return a.mul_(inv_step).round_().div_(inv_step).copysign_(y)
+
+
+def _round_(y: Tensor, elem: Element) -> Tensor:
+    """:func:`round_to`, overwriting ``y`` where it can (the caller owns ``y``)."""
+    if elem.kind == "int":
+        return y.round_().clamp_(elem.qmin, elem.qmax)
+    if elem.name in _TORCH_FP8:
+        y.clamp_(elem.qmin, elem.qmax)
+        return y.copy_(y.to(_TORCH_FP8[elem.name]))
+    return _round_e2m1_(y)
 
 
 def round_to(y: Tensor, elem: Element | str) -> Tensor:
     """Round scaled values to ``elem``'s grid with saturation (ONNX ``saturate=1``), as floats."""
     elem = fmt.element(elem) if isinstance(elem, str) else elem
-    if elem.kind == "int":
-        return torch.clamp(torch.round(y), elem.qmin, elem.qmax)
-    if elem.name in _TORCH_FP8:
-        return y.clamp(elem.qmin, elem.qmax).to(_TORCH_FP8[elem.name]).to(y.dtype)
-    return _round_e2m1(y)
+    return _round_(y.clone(), elem)
 
 
 def expand(scale: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
@@ -157,7 +164,8 @@ def quantize_codes(
 ) -> Tensor:
     """Codes of a symmetric static quantizer, as float values on ``elem``'s grid."""
     s = scale if global_scale is None else scale * global_scale
-    return round_to(x / expand(s.to(x.dtype), x, axis, block_size), elem)
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    return _round_(x / expand(s.to(x.dtype), x, axis, block_size), elem)
 
 
 # --- custom ops ---------------------------------------------------------------------------------
@@ -172,8 +180,16 @@ def fake_quant_fmt(
     ``scale`` is 0-d (per tensor), 1-d on ``axis`` (per channel) or of x's rank with
     ``ceil(n / block_size)`` on ``axis`` (blocked); the effective scale is ``scale * global_scale``.
     """
+    elem = fmt.element(element)
+    last = x.dim() - 1
+    if block_size and axis % x.dim() == last and x.shape[-1] % block_size == 0:
+        # whole blocks on the last axis: a view, no scale broadcast to x's size
+        s = (scale * global_scale).to(x.dtype).unsqueeze(-1)
+        blocks = x.reshape(*x.shape[:-1], -1, block_size)
+        return _round_(blocks / s, elem).mul_(s).reshape(x.shape)
     s = expand((scale * global_scale).to(x.dtype), x, axis, block_size)
-    return round_to(x / s, element) * s
+    # one temporary, rounded in place: allocation, not arithmetic, is what costs on CPU
+    return _round_(x / s, elem).mul_(s)
 
 
 @fake_quant_fmt.register_fake
@@ -219,7 +235,7 @@ def fake_quant_dynamic(
     n = x.shape[-1]
     s = dynamic_scales(x, global_scale, block_size, elem, scale_type)
     xb = _blocks(x, -1, block_size)
-    out = (round_to(xb / s, elem) * s).to(x.dtype)
+    out = _round_(xb / s, elem).mul_(s).to(x.dtype)
     return out.reshape(*out.shape[:-2], -1)[..., :n]
 
 

@@ -122,9 +122,11 @@ def fake_quant(
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
     s = _broadcast(scale, x, axis).to(x.dtype)
-    z = _broadcast(zero_point, x, axis).to(x.dtype)
-    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-    return (q - z) * s
+    q = (x / s).round_()  # one temporary, updated in place: allocations dominate on CPU
+    if bool(zero_point.any()):
+        z = _broadcast(zero_point, x, axis).to(x.dtype)
+        return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+    return q.clamp_(qmin, qmax).mul_(s)
 
 
 @fake_quant.register_fake
