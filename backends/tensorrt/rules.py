@@ -129,32 +129,23 @@ W4A16 = BackendRules(
     fallback=None,
 )
 
-NVFP4 = BackendRules(
-    backend="tensorrt",
-    precision="nvfp4",
-    activation=QSpec("fp4_e2m1", "activation", -1, block_size=16, scale_type="fp8_e4m3", dynamic=True),
-    weight=QSpec("fp4_e2m1", "weight", block_size=16, scale_type="fp8_e4m3"),
-    weighted_kinds=WEIGHTED_KINDS,
-    ops=_gemm_only("TensorRT runs NVFP4 on GEMMs (Gemm/MatMul) only", True),
-    float_reasons=_BLOCK_FLOAT_REASONS,
-    fallback="fp8",
-)
+def _block_recipe(precision: str, element: str, block: int, scale_type: str, why: str) -> BackendRules:
+    """A block-scaled W4A4/W8A8 recipe: both GEMM inputs in ``element``, activations dynamic."""
+    return BackendRules(
+        backend="tensorrt",
+        precision=precision,
+        activation=QSpec(element, "activation", -1, block_size=block, scale_type=scale_type, dynamic=True),
+        weight=QSpec(element, "weight", block_size=block, scale_type=scale_type),
+        weighted_kinds=WEIGHTED_KINDS,
+        ops=_gemm_only(why, True),
+        float_reasons=_BLOCK_FLOAT_REASONS,
+        fallback="fp8",
+    )
 
-MXFP8 = dataclasses.replace(
-    NVFP4,
-    precision="mxfp8",
-    activation=QSpec("fp8_e4m3", "activation", -1, block_size=32, scale_type="e8m0", dynamic=True),
-    weight=QSpec("fp8_e4m3", "weight", block_size=32, scale_type="e8m0"),
-    ops=_gemm_only("TensorRT runs MXFP8 on GEMMs (Gemm/MatMul) only", True),
-)
 
-MXFP4 = dataclasses.replace(
-    NVFP4,
-    precision="mxfp4",
-    activation=QSpec("fp4_e2m1", "activation", -1, block_size=32, scale_type="e8m0", dynamic=True),
-    weight=QSpec("fp4_e2m1", "weight", block_size=32, scale_type="e8m0"),
-    ops=_gemm_only("block formats run on GEMMs (Gemm/MatMul) only", True),
-)
+NVFP4 = _block_recipe("nvfp4", "fp4_e2m1", 16, "fp8_e4m3", "TensorRT runs NVFP4 on GEMMs (Gemm/MatMul) only")
+MXFP8 = _block_recipe("mxfp8", "fp8_e4m3", 32, "e8m0", "TensorRT runs MXFP8 on GEMMs (Gemm/MatMul) only")
+MXFP4 = _block_recipe("mxfp4", "fp4_e2m1", 32, "e8m0", "block formats run on GEMMs (Gemm/MatMul) only")
 
 #: precision name → rule set (the recipes ``--precision`` selects).
 RULES = {r.precision: r for r in (INT8, FP8, W4A16, NVFP4, MXFP8, MXFP4)}
