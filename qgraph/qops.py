@@ -36,6 +36,7 @@ __all__ = [
     "fake_quant_fmt",
     "fake_quant_dynamic",
     "quantize_codes",
+    "dequantize",
     "SCALE_TYPES",
 ]
 
@@ -166,6 +167,19 @@ def quantize_codes(
     s = scale if global_scale is None else scale * global_scale
     elem = fmt.element(elem) if isinstance(elem, str) else elem
     return _round_(x / expand(s.to(x.dtype), x, axis, block_size), elem)
+
+
+def dequantize(
+    codes: Tensor,
+    scale: Tensor,
+    axis: int = 0,
+    block_size: int = 0,
+    global_scale: Tensor | None = None,
+) -> Tensor:
+    """``codes * scale`` (times ``global_scale`` for NVFP4) in float32, as DequantizeLinear."""
+    s = scale if global_scale is None else scale * global_scale
+    codes = codes.to(torch.float32)
+    return codes * expand(s.to(torch.float32), codes, axis, block_size)
 
 
 # --- custom ops ---------------------------------------------------------------------------------

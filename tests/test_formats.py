@@ -893,3 +893,19 @@ def test_nvfp4_zero_block_in_subnormal_tensor():
     got = Q.quantize_codes(_t(x), t_sb, "fp4_e2m1", axis=-1, block_size=16, global_scale=t_sg)
     assert_bits_equal(got, want.astype(np.float32), "codes")
     assert (eff > 0).all(), f"effective scales {eff}"
+
+
+@pytest.mark.parametrize("elem", ["int8", "int4", "fp8_e4m3", "fp4_e2m1"])
+def test_torch_dequantize_matches_numpy(elem):
+    """qops.dequantize is DequantizeLinear: codes times the (blocked, two-level) scale, float32."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 40)).astype(np.float32)
+    scale = F.absmax_scale(x, elem, axis=1, block_size=16)
+    codes = F.quantize(x, scale, elem, axis=1, block_size=16)
+    want = F.dequantize(codes, scale, axis=1, block_size=16)
+    got = Q.dequantize(_t(codes.astype(np.float32)), _t(scale), axis=1, block_size=16)
+    assert_bits_equal(got, want, "dequantized")
+    g = np.float32(0.37)
+    want = F.dequantize(codes, (scale * g).astype(np.float32), axis=1, block_size=16)
+    got = Q.dequantize(_t(codes.astype(np.float32)), _t(scale), 1, 16, torch.tensor(g))
+    assert_bits_equal(got, want, "two-level")

@@ -157,3 +157,23 @@ def test_mxfp4_has_no_tensorrt_deploy_form():
     gm, calib = quantized("mlp", "mxfp4")
     with pytest.raises(QGraphError, match="no MXFP4 path"):
         tensorrt.lower(gm, (calib[0],))
+
+
+def test_inspect_flags_block_formats_outside_gemms():
+    """qgraph inspect on a hand-made model: NVFP4 weights feeding a Conv break TensorRT's rules."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    w = np.ones((4, 16, 1, 1), ml_dtypes.float4_e2m1fn)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=1, block_size=16),
+        helper.make_node("Conv", ["x", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [1, 16, 4, 4])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "s")],
+    )
+    report = tensorrt.inspect_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    assert any("block-quantized values feed Conv" in v for v in report.violations), report.summary()
