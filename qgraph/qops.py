@@ -31,6 +31,7 @@ __all__ = [
     "expand",
     "block_amax",
     "absmax_scale",
+    "affine_scale",
     "nvfp4_scales",
     "mx_scales",
     "fake_quant_fmt",
@@ -110,6 +111,19 @@ def absmax_scale(x: Tensor, elem: Element | str, axis: int | None = None, block_
     else:
         amax = x.movedim(axis, 0).reshape(x.shape[axis], -1).amax(dim=1)
     return scale_from_amax(amax, elem)
+
+
+def affine_scale(x: Tensor, elem: Element | str, axis: int | None = None) -> tuple[Tensor, Tensor]:
+    """Asymmetric (scale, zero_point as a float tensor) of an integer element; see
+    :func:`qgraph.formats.affine_scale`."""
+    elem = fmt.element(elem) if isinstance(elem, str) else elem
+    x = x.detach().to(torch.float32)
+    flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    lo = flat.amin(dim=1).clamp(max=0.0)
+    hi = flat.amax(dim=1).clamp(min=0.0)
+    scale = positive((hi - lo) / float(elem.qmax - elem.qmin))
+    zp = torch.round(elem.qmin - lo / scale).clamp(elem.qmin, elem.qmax)
+    return (scale[0], zp[0]) if axis is None else (scale, zp)
 
 
 def positive(scale: Tensor) -> Tensor:

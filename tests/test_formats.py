@@ -909,3 +909,31 @@ def test_torch_dequantize_matches_numpy(elem):
     want = F.dequantize(codes, (scale * g).astype(np.float32), axis=1, block_size=16)
     got = Q.dequantize(_t(codes.astype(np.float32)), _t(scale), 1, 16, torch.tensor(g))
     assert_bits_equal(got, want, "two-level")
+
+
+@pytest.mark.parametrize("elem", ["int8", "uint8", "int4", "uint4"])
+@MEDIUM
+@given(data=st.data())
+def test_affine_scale_torch_vs_numpy_and_onnx(elem, data):
+    """Asymmetric INT: (scale, zero-point) agree bit for bit; 0 is exactly representable; torch
+    codes with that zero-point equal numpy's; the largest value reaches the top code."""
+    x, axis, _ = data.draw(_cases(data.draw(st.sampled_from(["tensor", "channel"]), label="gran")))
+    scale, zp = F.affine_scale(x, elem, axis)
+    t_scale, t_zp = Q.affine_scale(_t(x), elem, axis)
+    assert_bits_equal(t_scale, np.asarray(scale, np.float32), "scale")
+    assert_values_equal(t_zp, np.asarray(zp).astype(np.float32), "zero-point")
+    e = F.element(elem)
+    zero = F.quantize(np.zeros_like(x), scale, elem, zp, axis)
+    assert (F.dequantize(zero, scale, zp, axis) == 0).all()
+    codes = F.quantize(x, scale, elem, zp, axis)
+    # torch: the INT8-style fake-quant arithmetic with the zero-point, ONNX's order of operations
+    s_b, z_b = (t_scale, t_zp) if axis is None else (
+        t_scale.reshape([-1 if i == axis else 1 for i in range(x.ndim)]),
+        t_zp.reshape([-1 if i == axis else 1 for i in range(x.ndim)]),
+    )
+    t_codes = torch.clamp(torch.round(_t(x) / s_b) + z_b, e.qmin, e.qmax)
+    assert_values_equal(t_codes, codes.astype(np.float32), "codes")
+    # the range is covered: max and min map to the ends of the code range, up to rounding
+    finite = x[np.isfinite(x)]
+    if finite.size and finite.max() > 1e-30:  # (tinier ranges get scale 1: all codes at zp)
+        assert codes.astype(np.int32).max() >= e.qmax - 1
