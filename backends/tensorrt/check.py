@@ -65,7 +65,8 @@ class InspectReport:
         lines = [
             f"weighted ops: {len(self.weighted)} ({q} quantized, {len(self.weighted) - q} float)",
             f"QuantizeLinear: {self.op_counts.get('QuantizeLinear', 0)}, "
-            f"DequantizeLinear: {self.op_counts.get('DequantizeLinear', 0)}",
+            f"DequantizeLinear: {self.op_counts.get('DequantizeLinear', 0)}"
+            + "".join(f", {op}: {n}" for op, n in sorted(self.op_counts.items()) if op.startswith("TRT_")),
         ]
         lines += [f"float: {name} ({op})" for name, op, quant in self.weighted if not quant]
         lines += [f"warning: {w}" for w in self.warnings]
