@@ -7,7 +7,9 @@ when per channel). After ``torch.onnx.export`` the model is tidied with onnx-ir:
 * ``QuantizeLinear`` of a constant weight is computed once into an integer initializer
   (``<weight>_quantized``) with the same arithmetic as the torch op, so the deployed codes are the
   trained codes;
-* ``Transpose`` of a dequantized constant (``linear`` on 3-D inputs) is folded into the initializer;
+* ``Transpose`` of a dequantized constant (``linear`` on 3-D inputs) is folded into the initializer
+  (INT8/FP8 per channel, INT4 blocks); NVFP4/MX weights keep the (N, K) layout with blocks on
+  the last axis and the Transpose, as ModelOpt exports them for TensorRT;
 * exporter metadata (stack traces, file paths) is dropped so equal inputs give equal bytes.
 """
 
@@ -254,6 +256,12 @@ def _transpose_block_scale(graph: ir.Graph, scale: ir.Value, perm: list[int]) ->
     return scale
 
 
+def _element_kind(codes: np.ndarray) -> str:
+    """``int`` or ``float``: the kind of qgraph element a code array holds."""
+    kinds = {np.dtype(e.np_dtype): e.kind for e in formats.ELEMENTS.values()}
+    return kinds.get(codes.dtype, "float")
+
+
 def _fold_weight_transpose(model: ir.Model) -> None:
     """Transpose(DequantizeLinear(codes)) of a weight → DequantizeLinear of transposed codes."""
     graph = model.graph
@@ -264,6 +272,8 @@ def _fold_weight_transpose(model: ir.Model) -> None:
         user = next(iter(node.outputs[0].uses())).node
         if codes is None or user.op_type != "Transpose" or len(node.inputs[0].uses()) != 1:
             continue
+        if node.attributes.get("block_size") is not None and _element_kind(codes) == "float":
+            continue  # NVFP4/MX weights keep ModelOpt's (N, K) layout and the Transpose
         perm_attr = user.attributes.get("perm")
         perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(codes.ndim))[::-1]
         scale = node.inputs[1]

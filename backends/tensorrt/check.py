@@ -144,6 +144,8 @@ def _check_blocked(node: ir.Node, report: InspectReport) -> None:
         user = use.node
         if user.op_type in _DQ_OPS:
             continue  # an NVFP4 scale chain
+        if user.op_type == "Transpose" and all(u.node.op_type in _GEMMS for u in user.outputs[0].uses()):
+            continue  # a linear layer's (N, K) weight, transposed for the MatMul
         if user.op_type not in _GEMMS:
             report.violations.append(
                 f"{node.name}: block-quantized values feed {user.op_type} {user.name or ''}".rstrip()
@@ -203,12 +205,32 @@ def _check_qdq(node: ir.Node, report: InspectReport) -> None:
             )
 
 
+def _source_dq(value: ir.Value | None) -> tuple[ir.Node | None, list[int] | None]:
+    """The DequantizeLinear behind a GEMM input, and the Transpose perm between them if any.
+
+    Block-quantized weights of ``linear`` layers stay (N, K) with a Transpose before the MatMul,
+    the layout ModelOpt exports for NVFP4/MXFP8.
+    """
+    node = _producer(value)
+    if node is not None and node.op_type == "Transpose":
+        inner = _producer(node.inputs[0])
+        if inner is None or inner.op_type not in _DQ_OPS or inner.attributes.get("block_size") is None:
+            return None, None
+        attr = node.attributes.get("perm")
+        rank = len(inner.outputs[0].shape) if inner.outputs[0].shape is not None else 2
+        return inner, list(attr.as_ints()) if attr is not None else list(range(rank))[::-1]
+    if node is not None and node.op_type in _DQ_OPS:
+        return node, None
+    return None, None
+
+
 def _check_weighted(node: ir.Node, report: InspectReport) -> None:
     inputs = node.inputs[:2]
-    dq = [_producer(v) is not None and _producer(v).op_type in _DQ_OPS for v in inputs]
+    sources = [_source_dq(v) for v in inputs]
+    dq = [deq is not None for deq, _ in sources]
     weight_only = [
-        d and _is_constant_input(v) and _producer(v).attributes.get("block_size") is not None
-        for v, d in zip(inputs, dq)
+        deq is not None and _is_constant_input(deq.outputs[0]) and deq.attributes.get("block_size") is not None
+        for deq, _ in sources
     ]
     quantized = (all(dq) and len(dq) == 2) or any(weight_only)
     report.weighted.append((node.name, node.op_type, quantized))
@@ -218,12 +240,11 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
     if not quantized:
         report.warnings.append(f"{node.name}: {node.op_type} left in float")
         return
-    for index, value in enumerate(inputs):
-        deq = _producer(value)
-        if deq is None or deq.op_type not in _DQ_OPS:
+    for index, (value, (deq, perm)) in enumerate(zip(inputs, sources)):
+        if deq is None:
             continue  # the float activation of a weight-only GEMM
         if deq.attributes.get("block_size") is not None:
-            _check_block_axis(node, deq, value, index, report)
+            _check_block_axis(node, deq, perm, index, report)
             continue
         scale = const_array(deq.inputs[1])
         per_channel = scale is not None and scale.size > 1
@@ -245,18 +266,23 @@ def _check_weighted(node: ir.Node, report: InspectReport) -> None:
             )
 
 
-def _check_block_axis(node: ir.Node, deq: ir.Node, value: ir.Value, index: int, report: InspectReport) -> None:
-    """Blocks must run along the reduction axis (K) of the GEMM."""
+def _check_block_axis(
+    node: ir.Node, deq: ir.Node, perm: list[int] | None, index: int, report: InspectReport
+) -> None:
+    """Blocks must run along the reduction axis (K) of the GEMM (seen through a Transpose)."""
     shape = deq.outputs[0].shape
     rank = len(shape) if shape is not None else _weight_rank(deq)
     axis_attr = deq.attributes.get("axis")
     axis = (axis_attr.as_int() if axis_attr is not None else 1) % rank
-    if _is_constant_input(value):
+    if _is_constant_input(deq.outputs[0]):
         channel = _weight_axis(node, rank, index)
         expected = (1 - channel) % rank if rank == 2 else rank - 1
     else:
         expected = rank - 1  # activations: blocks on the last axis (K of the left operand)
+    if perm is not None:
+        expected = perm[expected]  # the GEMM sees the transposed tensor
     if axis != expected:
         report.violations.append(
-            f"{node.name}: {value.name} is blocked along axis {axis}, expected the reduction axis {expected}"
+            f"{node.name}: {deq.outputs[0].name} is blocked along axis {axis}, "
+            f"expected the reduction axis {expected}"
         )
