@@ -52,7 +52,9 @@ def export_onnx(
     """
     from qgraph.backends import _translate
     from qgraph.capture import INPUT_NAMES, OUTPUT_NAMES, dynamic_shapes_of
+    from qgraph.quant import refresh_weight_scales
 
+    refresh_weight_scales(gm)  # QAT: the scales of the final weights, not of the last forward's
     if form == "reference":
         gm = decode_weights(gm)
     table = _translate.deploy_table() if form == "deploy" else _translate.reference_table()

@@ -6,10 +6,19 @@
 from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.fold_batchnorm import FoldBatchNorm
+from qgraph.passes.insert_fake_quant import InsertFakeQuant
 from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
 
-__all__ = ["PASSES", "Annotate", "Calibrate", "FoldBatchNorm", "InsertObservers", "InsertQDQ"]
+__all__ = [
+    "PASSES",
+    "Annotate",
+    "Calibrate",
+    "FoldBatchNorm",
+    "InsertFakeQuant",
+    "InsertObservers",
+    "InsertQDQ",
+]
 
 #: Pipeline-spec name → pass class. Extend by adding a line here, not by registration at import.
 PASSES = {
@@ -18,4 +27,5 @@ PASSES = {
     "insert-observers": InsertObservers,
     "calibrate": Calibrate,
     "insert-qdq": InsertQDQ,
+    "insert-fake-quant": InsertFakeQuant,
 }

@@ -38,6 +38,7 @@ __all__ = [
     "fake_quant_dynamic",
     "quantize_codes",
     "dequantize",
+    "reduce_to_scale",
     "SCALE_TYPES",
 ]
 
@@ -196,6 +197,17 @@ def dequantize(
     return codes * expand(s.to(torch.float32), codes, axis, block_size)
 
 
+def reduce_to_scale(grad: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
+    """Sum an elementwise gradient to the shape of its (per-tensor, per-axis or blocked) scale."""
+    if scale.dim() == 0:
+        return grad.sum()
+    axis = axis % grad.dim()
+    if block_size:
+        summed = _blocks(grad, axis, block_size).sum(dim=-1).movedim(-1, axis)
+        return summed.reshape(scale.shape)
+    return grad.movedim(axis, 0).reshape(grad.shape[axis], -1).sum(dim=1).reshape(scale.shape)
+
+
 # --- custom ops ---------------------------------------------------------------------------------
 
 
@@ -227,16 +239,25 @@ def _(x, scale, global_scale, axis, block_size, element):  # noqa: ANN001
 
 def _fmt_setup(ctx, inputs, output):  # noqa: ANN001
     x, scale, global_scale, axis, block_size, name = inputs
-    s = expand((scale * global_scale).to(x.dtype), x, axis, block_size)
-    elem = fmt.element(name)
-    y = x / s
-    lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
-    ctx.save_for_backward((y >= lo) & (y <= hi))
+    ctx.axis, ctx.block_size, ctx.element = axis, block_size, name
+    ctx.save_for_backward(x, scale, global_scale)
 
 
 def _ste_backward(ctx, grad):  # noqa: ANN001
-    (mask,) = ctx.saved_tensors
-    return (grad * mask,) + (None,) * 5
+    """STE for x (0 where a value saturated); LSQ gradient for a scale that requires grad:
+    ``(R(v) - v) * global_scale`` inside the range, ``R(v) * global_scale`` outside."""
+    x, scale, global_scale = ctx.saved_tensors
+    elem = fmt.element(ctx.element)
+    s = expand((scale * global_scale).to(x.dtype), x, ctx.axis, ctx.block_size)
+    v = x / s
+    lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
+    inside = (v >= lo) & (v <= hi)
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_s = None
+    if ctx.needs_input_grad[1]:
+        per_element = grad * (_round_(v.clone(), elem) - v * inside) * global_scale
+        grad_s = reduce_to_scale(per_element, scale, ctx.axis, ctx.block_size)
+    return grad_x, grad_s, None, None, None, None
 
 
 fake_quant_fmt.register_autograd(_ste_backward, setup_context=_fmt_setup)

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from qgraph import formats
+from qgraph._errors import QGraphError
 from qgraph import qops  # also registers qgraph::fake_quant_fmt / fake_quant_dynamic
 
-__all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
+__all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "refresh_weight_scales", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
 
 
 #: fx ``node.meta`` keys of the quantization plan: {input index: QSpec}, and why a node stays float.
@@ -136,16 +137,25 @@ def _(x, scale, zero_point, axis, qmin, qmax):  # noqa: ANN001 - signature fixed
 
 def _setup_context(ctx, inputs, output):  # noqa: ANN001
     x, scale, zero_point, axis, qmin, qmax = inputs
-    s = _broadcast(scale, x, axis).to(x.dtype)
-    z = _broadcast(zero_point, x, axis).to(x.dtype)
-    unclipped = x / s + z
-    # Straight-through estimator: gradient 1 where the value was not saturated, 0 outside.
-    ctx.save_for_backward((unclipped >= qmin - 0.5) & (unclipped <= qmax + 0.5))
+    ctx.axis, ctx.qmin, ctx.qmax = axis, qmin, qmax
+    ctx.save_for_backward(x, scale, zero_point)
 
 
 def _backward(ctx, grad):  # noqa: ANN001
-    (mask,) = ctx.saved_tensors
-    return grad * mask, None, None, None, None, None
+    """Straight-through estimator for x (1 where the value was not saturated, 0 outside); for a
+    scale that requires grad, the LSQ gradient ``q - z - v`` inside the range, ``q - z`` outside
+    (v = x / s, q the saturated code), summed to the scale's shape."""
+    x, scale, zero_point = ctx.saved_tensors
+    s = _broadcast(scale, x, ctx.axis).to(x.dtype)
+    z = _broadcast(zero_point, x, ctx.axis).to(x.dtype)
+    v = x / s
+    inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_s = None
+    if ctx.needs_input_grad[1]:
+        q = torch.clamp(torch.round(v) + z, ctx.qmin, ctx.qmax)
+        grad_s = qops.reduce_to_scale(grad * (q - z - v * inside), scale, ctx.axis, 0)
+    return grad_x, grad_s, None, None, None, None
 
 
 fake_quant.register_autograd(_backward, setup_context=_setup_context)
@@ -183,21 +193,87 @@ class FakeQuant(torch.nn.Module):
             if global_scale is None:
                 global_scale = torch.ones((), dtype=torch.float32)
             self.register_buffer("global_scale", global_scale.detach().to(torch.float32).clone())
+        # QAT state (see :meth:`configure_training`); all off for PTQ
+        self.track_weight = False
+        self.observe_steps = 0
+        self.observed = 0
 
-    @classmethod
-    def for_weight(cls, spec: QSpec, weight: Tensor) -> "FakeQuant":
-        """The quantizer of a constant weight, its scales read off the weight itself."""
+    @staticmethod
+    def weight_scales(spec: QSpec, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(scale, NVFP4 global scale or None) of a weight by its format's rule."""
         w = weight.detach().to(torch.float32)
         block = spec.block_size or 0
         if spec.is_int8:
             amax = w.abs().max() if spec.axis is None else w.abs().movedim(spec.axis, 0).flatten(1).amax(1)
-            return cls(spec, symmetric_scale(amax, spec))
+            return symmetric_scale(amax, spec), None
         if spec.scale_type == "fp8_e4m3":
-            block_scale, global_scale = qops.nvfp4_scales(w, axis=spec.axis, block_size=block)
-            return cls(spec, block_scale, global_scale=global_scale)
+            return qops.nvfp4_scales(w, axis=spec.axis, block_size=block)
         if spec.scale_type == "e8m0":
-            return cls(spec, qops.mx_scales(w, spec.dtype, axis=spec.axis, block_size=block))
-        return cls(spec, qops.absmax_scale(w, spec.dtype, spec.axis, block))
+            return qops.mx_scales(w, spec.dtype, axis=spec.axis, block_size=block), None
+        return qops.absmax_scale(w, spec.dtype, spec.axis, block), None
+
+    @classmethod
+    def for_weight(cls, spec: QSpec, weight: Tensor) -> "FakeQuant":
+        """The quantizer of a constant weight, its scales read off the weight itself."""
+        scale, global_scale = cls.weight_scales(spec, weight)
+        return cls(spec, scale, global_scale=global_scale)
+
+    @property
+    def learnable(self) -> bool:
+        """Whether the scale is a trained parameter (LSQ)."""
+        return isinstance(self.scale, torch.nn.Parameter)
+
+    def configure_training(
+        self, *, track_weight: bool = False, learn_scale: bool = False, observe_steps: int = 0
+    ) -> bool:
+        """Set the QAT behaviour; returns whether anything changed.
+
+        Args:
+            track_weight: (weights) recompute the scales from the current weight on every call,
+                so the codes follow the weights as they train; what is exported is the scale of
+                the final weights (:func:`refresh_weight_scales`).
+            learn_scale: make the scale a parameter trained with the LSQ gradient, scaled by
+                ``1 / sqrt(elements per scale * qmax)`` (Esser et al., 2020). Static formats with
+                float32 scales only (INT8, FP8, INT4).
+            observe_steps: (activations) keep widening the calibrated range with the running
+                max |x| for this many training-mode calls.
+        """
+        if learn_scale and (self.spec.dynamic or self.spec.scale_type != "float32"):
+            raise QGraphError(f"{self.spec.describe()}: only float32 scales can be learned")
+        changed = (self.track_weight, self.learnable, self.observe_steps) != (
+            track_weight, learn_scale, observe_steps
+        )
+        self.track_weight, self.observe_steps = track_weight, observe_steps
+        if learn_scale and not self.learnable:
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = torch.nn.Parameter(scale)
+        elif not learn_scale and self.learnable:
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.register_buffer("scale", scale)
+        return changed
+
+    @torch.no_grad()
+    def refresh(self, weight: Tensor) -> None:
+        """Recompute the scales from ``weight`` (weights tracked during QAT)."""
+        scale, global_scale = self.weight_scales(self.spec, weight)
+        self.scale.copy_(scale)
+        if global_scale is not None:
+            self.global_scale.copy_(global_scale)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        """Widen the activation range with max |x| (the first ``observe_steps`` training calls)."""
+        self.observed += 1
+        amax = x.detach().abs().max().to(torch.float32)
+        spec = self.spec
+        if spec.is_int8:
+            self.scale.copy_(torch.maximum(self.scale, symmetric_scale(amax, spec)))
+        elif spec.dynamic and spec.scale_type == "fp8_e4m3":
+            self.global_scale.copy_(torch.maximum(self.global_scale, qops.nvfp4_global_scale(amax)))
+        elif not spec.dynamic:
+            self.scale.copy_(torch.maximum(self.scale, qops.scale_from_amax(amax, spec.dtype)))
 
     @classmethod
     def for_activation(cls, spec: QSpec, amax: float | Tensor) -> "FakeQuant":
@@ -215,18 +291,67 @@ class FakeQuant(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
         axis = spec.axis if spec.axis is not None else 0
+        if self.training and self.observed < self.observe_steps:
+            self._observe(x)
+        if self.track_weight and not torch.compiler.is_exporting():
+            self.refresh(x)
+        scale = self.scale
+        if self.learnable and torch.is_grad_enabled():
+            scale = _GradScale.apply(scale, (x.numel() / scale.numel() * spec.qmax) ** -0.5)
         if spec.is_int8:
-            return torch.ops.qgraph.fake_quant(x, self.scale, self.zero_point, axis, spec.qmin, spec.qmax)
+            return torch.ops.qgraph.fake_quant(x, scale, self.zero_point, axis, spec.qmin, spec.qmax)
         if spec.dynamic:
             return torch.ops.qgraph.fake_quant_dynamic(
                 x, self.global_scale, spec.block_size, spec.dtype, spec.scale_type
             )
         return torch.ops.qgraph.fake_quant_fmt(
-            x, self.scale, self.global_scale, axis, spec.block_size or 0, spec.dtype
+            x, scale, self.global_scale, axis, spec.block_size or 0, spec.dtype
         )
 
     def extra_repr(self) -> str:
         return self.spec.describe()
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity whose gradient is multiplied by ``g`` (LSQ's gradient scale; the value is exact)."""
+
+    @staticmethod
+    def forward(ctx, scale: Tensor, g: float) -> Tensor:  # noqa: ANN001
+        ctx.g = g
+        return scale.view_as(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return grad * ctx.g, None
+
+
+def refresh_weight_scales(gm: torch.nn.Module) -> int:
+    """Recompute the scales of every weight-tracking quantizer from its current weight.
+
+    Call after training (``lower`` does): the last optimizer step changed the weights after the
+    last forward. Returns how many quantizers were refreshed.
+    """
+    import torch.fx
+
+    refreshed = 0
+    graph = getattr(gm, "graph", None)
+    for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        src = node.args[0]
+        if isinstance(module, FakeQuant) and module.track_weight and getattr(src, "op", "") == "get_attr":
+            module.refresh(gm.get_parameter(src.target) if _is_param(gm, src.target) else gm.get_buffer(src.target))
+            refreshed += 1
+    return refreshed
+
+
+def _is_param(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
 
 
 def symmetric_scale(amax: Tensor, spec: QSpec) -> Tensor:

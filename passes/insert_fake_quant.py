@@ -1,0 +1,87 @@
+"""Make a quantized graph trainable: quantization-aware training (QAT).
+
+Runs after calibration. Calibrated observers become :class:`~qgraph.quant.FakeQuant` exactly as in
+``insert-qdq`` (so QAT starts from the PTQ model), and every quantizer is set up for training:
+
+  * weight quantizers *track* their weight: scales are recomputed from the current weight on
+    every call, so codes follow the weights as the optimizer moves them (the export uses the
+    scales of the final weights);
+  * activation scales stay frozen at their calibrated values (``learn_scales=False``), or become
+    parameters trained with the LSQ gradient (``learn_scales=True``; INT8/FP8 activations), or
+    keep widening with the running max |x| for the first ``observe_steps`` training calls.
+
+Gradients are straight-through with the clipping mask (exactly 0 where a value saturated). The
+result is an ordinary ``nn.Module``: use it with any optimizer, AMP or DDP; put it in
+``train()`` mode for training and lower it with the same backend call as a PTQ graph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from qgraph._errors import PreconditionError
+from qgraph._pass import PassResult
+from qgraph.observers import Observer
+from qgraph.passes.insert_qdq import InsertQDQ
+from qgraph.quant import FakeQuant
+
+__all__ = ["InsertFakeQuant"]
+
+logger = logging.getLogger(__name__)
+
+
+class InsertFakeQuant(InsertQDQ):
+    """Turn the calibrated plan into trainable fake-quant nodes. Counts: ``activations``,
+    ``weights`` (inserted), ``configured`` (quantizers whose training setup changed),
+    ``learnable`` (scales that are parameters).
+
+    Args:
+        learn_scales: train activation scales with LSQ (float32-scale formats).
+        observe_steps: training calls during which activation ranges keep widening.
+    """
+
+    name = "insert-fake-quant"
+
+    def __init__(self, learn_scales: bool = False, observe_steps: int = 0) -> None:
+        if not isinstance(observe_steps, int) or observe_steps < 0:
+            raise PreconditionError(f"observe_steps must be an integer >= 0, got {observe_steps!r}")
+        self.learn_scales = bool(learn_scales)
+        self.observe_steps = observe_steps
+
+    def options(self) -> dict[str, object]:
+        opts: dict[str, object] = {}
+        if self.learn_scales:
+            opts["learn_scales"] = True
+        if self.observe_steps:
+            opts["observe_steps"] = self.observe_steps
+        return opts
+
+    def requires(self, graph: torch.fx.GraphModule) -> None:
+        if not any(isinstance(m, (Observer, FakeQuant)) for m in graph.modules()):
+            raise PreconditionError(
+                "no quantizers or observers: run annotate, insert-observers and calibrate first"
+            )
+        super().requires(graph)
+
+    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+        inserted = super().call(graph)  # observers -> fake-quant exactly as for PTQ
+        counts = dict(inserted.counts)
+        configured = learnable = 0
+        for node in graph.graph.nodes:
+            if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), FakeQuant):
+                continue
+            module = graph.get_submodule(node.target)
+            weight = module.spec.role == "weight" and getattr(node.args[0], "op", "") == "get_attr"
+            learn = self.learn_scales and not weight and not module.spec.dynamic
+            learn = learn and module.spec.scale_type == "float32"
+            configured += module.configure_training(
+                track_weight=weight,
+                learn_scale=learn,
+                observe_steps=0 if weight else self.observe_steps,
+            )
+            learnable += module.learnable
+        counts.update(configured=configured, learnable=learnable)
+        return PassResult(graph, inserted.modified or configured > 0, counts)

@@ -1,0 +1,123 @@
+"""insert-fake-quant (QAT): the PTQ graph made trainable — tracked weight scales, frozen or LSQ
+activation scales, straight-through gradients — and lowered the same way after training."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+
+import qgraph
+from qgraph import FakeQuant, PreconditionError, Sequential
+from qgraph.backends import tensorrt
+from qgraph.examples.zoo import make
+from qgraph.parity import check_parity
+from qgraph.passes import Annotate, Calibrate, InsertFakeQuant, InsertObservers, InsertQDQ
+
+
+def _calibrated(rules=tensorrt.INT8, name: str = "mlp"):
+    model, x = make(name)
+    gm = qgraph.capture(model, (x,))
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(2)]
+    Sequential([Annotate(rules), InsertObservers("max"), Calibrate(data)])(gm)
+    return gm, data
+
+
+def _quantizers(gm):
+    return {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuant)}
+
+
+def test_census_weights_track_activations_frozen():
+    gm, _ = _calibrated()
+    result = InsertFakeQuant()(gm)
+    assert result.modified
+    assert result.counts == {"activations": 3, "weights": 3, "configured": 3, "learnable": 0}
+    q = _quantizers(gm)
+    assert sorted(m.spec.role for m in q.values() if m.track_weight) == ["weight"] * 3
+    assert not any(m.learnable for m in q.values())
+
+
+def test_numerics_equal_the_ptq_graph_before_training():
+    gm, data = _calibrated()
+    ptq = copy.deepcopy(gm)
+    InsertQDQ()(ptq)
+    InsertFakeQuant()(gm)
+    with torch.no_grad():
+        assert torch.equal(gm(data[0]), ptq(data[0]))  # bit-exact: same scales, same op
+
+
+def test_idempotent():
+    gm, _ = _calibrated()
+    InsertFakeQuant(learn_scales=True)(gm)
+    before = str(gm.graph)
+    again = InsertFakeQuant(learn_scales=True)(gm)
+    assert not again.modified and str(gm.graph) == before
+
+
+def test_negative_needs_calibrated_quantizers_and_learns_float32_scales_only():
+    model, x = make("mlp")
+    with pytest.raises(PreconditionError, match="no quantizers or observers"):
+        InsertFakeQuant()(qgraph.capture(model, (x,)))
+    gm, _ = _calibrated(tensorrt.NVFP4)
+    result = InsertFakeQuant(learn_scales=True)(gm)
+    assert result.counts["learnable"] == 0  # NVFP4: dynamic block scales, nothing to learn
+    with pytest.raises(PreconditionError, match="observe_steps"):
+        InsertFakeQuant(observe_steps=-1)
+
+
+def test_verifier_passes():
+    gm, _ = _calibrated()
+    InsertFakeQuant(learn_scales=True, observe_steps=2)(gm)
+    qgraph.verify(gm)
+
+
+def test_ste_gradient_is_exactly_zero_outside_the_clipping_range():
+    gm, _ = _calibrated()
+    InsertFakeQuant()(gm)
+    act = next(m for m in _quantizers(gm).values() if m.spec.role == "activation")
+    limit = float(act.scale) * 127.5
+    x = torch.tensor([-3 * limit, -0.5 * limit, 0.0, 0.9 * limit, 1.01 * limit, 10 * limit], requires_grad=True)
+    act(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_lsq_scales_receive_gradients_and_training_lowers_with_parity():
+    gm, data = _calibrated()
+    InsertFakeQuant(learn_scales=True)(gm)
+    gm.train()
+    learn = [m for m in _quantizers(gm).values() if m.learnable]
+    assert len(learn) == 3
+    target = torch.randn(16, 10, generator=torch.Generator().manual_seed(9))
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(gm(data[0]), target)
+        loss.backward()
+        assert all(m.scale.grad is not None and torch.isfinite(m.scale.grad).all() for m in learn)
+        assert any(float(m.scale.grad.abs()) > 0 for m in learn)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    gm.eval()
+    onnx_bytes = tensorrt.lower(gm, (data[1],))
+    # the deployed model is the trained one: weight scales refreshed from the final weights
+    report = check_parity(gm, onnx_bytes, (data[1],))
+    assert report.max_relative <= 0.01, report.summary()
+    assert tensorrt.inspect_model(onnx.load_from_string(onnx_bytes)).violations == []
+
+
+def test_observe_steps_widen_the_activation_range():
+    gm, data = _calibrated()
+    InsertFakeQuant(observe_steps=1)(gm)
+    gm.train()
+    act = _quantizers(gm)["fq_x"]
+    before = act.scale.clone()
+    with torch.no_grad():
+        gm(data[0] * 4)  # a wider batch in the first training step widens the range
+        widened = act.scale.clone()
+        gm(data[0] * 16)  # observation is over
+    assert widened > before and torch.equal(act.scale, widened)
