@@ -55,6 +55,7 @@ def export_onnx(
     from qgraph.quant import refresh_weight_scales
 
     refresh_weight_scales(gm)  # QAT: the scales of the final weights, not of the last forward's
+    gm = _without_distill_taps(gm)
     if form == "reference":
         gm = decode_weights(gm)
     table = _translate.deploy_table() if form == "deploy" else _translate.reference_table()
@@ -319,6 +320,19 @@ def _drop_metadata(model: ir.Model) -> None:
         value.metadata_props.clear()
     model.metadata_props.clear()
     model.graph.metadata_props.clear()
+
+
+def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The student alone (a copy) if QAD taps are in the graph: teachers are not deployed."""
+    import copy
+
+    from qgraph.passes.insert_distill_taps import DISTILL_META, RemoveDistillTaps
+
+    if DISTILL_META not in gm.meta:
+        return gm
+    gm = copy.deepcopy(gm)
+    RemoveDistillTaps()(gm)
+    return gm
 
 
 def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -6,6 +6,7 @@
 from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.fold_batchnorm import FoldBatchNorm
+from qgraph.passes.insert_distill_taps import InsertDistillTaps, RemoveDistillTaps
 from qgraph.passes.insert_fake_quant import InsertFakeQuant
 from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
@@ -15,9 +16,11 @@ __all__ = [
     "Annotate",
     "Calibrate",
     "FoldBatchNorm",
+    "InsertDistillTaps",
     "InsertFakeQuant",
     "InsertObservers",
     "InsertQDQ",
+    "RemoveDistillTaps",
 ]
 
 #: Pipeline-spec name → pass class. Extend by adding a line here, not by registration at import.
@@ -28,4 +31,6 @@ PASSES = {
     "calibrate": Calibrate,
     "insert-qdq": InsertQDQ,
     "insert-fake-quant": InsertFakeQuant,
+    "insert-distill-taps": InsertDistillTaps,
+    "remove-distill-taps": RemoveDistillTaps,
 }

@@ -121,3 +121,29 @@ def test_observe_steps_widen_the_activation_range():
         widened = act.scale.clone()
         gm(data[0] * 16)  # observation is over
     assert widened > before and torch.equal(act.scale, widened)
+
+
+def test_batchnorm_is_folded_before_qat_so_training_matches_the_deployed_model():
+    """BN strategy: fold-batchnorm (running statistics frozen) before QAT. The trained graph has
+    no BatchNorm, its convs train with their folded weights, and the exported model is it."""
+    from qgraph.passes import FoldBatchNorm
+
+    model, x = make("rescnn")
+    gm = qgraph.capture(model, (x,))
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(8, *x.shape[1:], generator=g) for _ in range(2)]
+    Sequential([FoldBatchNorm(), Annotate(tensorrt.INT8), InsertObservers(), Calibrate(data), InsertFakeQuant()])(gm)
+    assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    gm.train()
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.01)
+    target = torch.randint(0, 10, (8,), generator=g)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(data[0]), target).backward()
+        opt.step()
+    gm.eval()
+    onnx_bytes = tensorrt.lower(gm, (data[1],))
+    proto = onnx.load_from_string(onnx_bytes)
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    report = check_parity(gm, onnx_bytes, (data[1],))
+    assert report.max_relative <= 0.02, report.summary()  # conv summation order, see test_lowering
