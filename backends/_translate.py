@@ -94,17 +94,21 @@ def _shape(value) -> tuple[int, ...]:  # noqa: ANN001
 # --- deploy (TensorRT) --------------------------------------------------------------------------
 
 
-def _fmt_deploy(x, scale, global_scale, axis: int, block_size: int, element: str):  # noqa: ANN001, ANN202
+def _fmt_deploy(x, scale, global_scale, axis: int, block_size: int, element: str, scale_type: str = "float32"):  # noqa: ANN001, ANN202, E501
+    """Static quantizers, by scale type: float32 scales → standard Q/DQ; NVFP4 (``fp8_e4m3``) →
+    E4M3 block scales times the FP32 global scale; MX (``e8m0``) → TensorRT's MXFP8 dequantizer."""
     op = op23 if element == "fp4_e2m1" else op21 if block_size else op20
     scale_shape = _shape(scale)
     kw = {"axis": axis} if scale_shape else {}
     if block_size:
         kw["block_size"] = block_size
-    if element == "fp4_e2m1":  # NVFP4 weight: E4M3 block scales times the FP32 global scale
+    if scale_type == "fp8_e4m3":
         e4m3 = op.QuantizeLinear(scale, op.Constant(value_float=1.0), _zero("fp8_e4m3", ()))
         scale = op.DequantizeLinear(e4m3, global_scale)
     q = op.QuantizeLinear(x, scale, _zero(element, scale_shape), **kw)
-    if block_size and _element(element).kind == "float" and element != "fp4_e2m1":  # MXFP8 weight
+    if scale_type == "e8m0":
+        if element != "fp8_e4m3":
+            raise NotImplementedError(f"TensorRT has no MX dequantizer for {element}")
         return _trt.TRT_MXFP8DequantizeLinear(q, scale, output_dtype=_T.FLOAT, **kw)
     if _element(element).kind == "float":
         return op.DequantizeLinear(q, scale, **kw)
@@ -147,9 +151,9 @@ def _round_ref(y, element: str):  # noqa: ANN001, ANN202
     return op.Where(op.Less(y, op.Constant(value_float=0.0)), op.Neg(q), q)
 
 
-def _fmt_reference(x, scale, global_scale, axis: int, block_size: int, element: str):  # noqa: ANN001, ANN202
+def _fmt_reference(x, scale, global_scale, axis: int, block_size: int, element: str, scale_type: str = "float32"):  # noqa: ANN001, ANN202, E501
     """Static quantizers on activations (weights are decoded before export): FP8/INT Q/DQ."""
-    if block_size:  # static blocked activations are not produced by any recipe
+    if block_size or scale_type != "float32":  # no recipe quantizes activations this way
         raise NotImplementedError("static blocked activation quantizers have no reference form")
     return _fmt_deploy(x, scale, global_scale, axis, 0, element)
 
@@ -197,14 +201,12 @@ def _int_fake_quant(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # n
 
 
 def _table(fmt, dynamic) -> dict:  # noqa: ANN001
-    import torch
-
-    import qgraph.qops  # noqa: F401 - the ops must be registered
+    from qgraph import qops, quant
 
     return {
-        torch.ops.qgraph.fake_quant.default: _int_fake_quant,
-        torch.ops.qgraph.fake_quant_fmt.default: fmt,
-        torch.ops.qgraph.fake_quant_dynamic.default: dynamic,
+        quant.fake_quant._opoverload: _int_fake_quant,
+        qops.fake_quant_fmt._opoverload: fmt,
+        qops.fake_quant_dynamic._opoverload: dynamic,
     }
 
 

@@ -4,7 +4,7 @@ For each recipe in :data:`qgraph.backends.tensorrt.rules.RULES` and each model t
 fresh capture::
 
     rules = RULES[name]
-    fallback = RULES[rules.fallback] if rules.fallback else "float"
+    fallback = rules.fallback or "float"
     Sequential([FoldBatchNorm(), Annotate(rules, fallback=fallback), InsertObservers("max"),
                 Calibrate(batches), InsertQDQ()])(gm)
     reference = tensorrt.lower(gm, example_inputs, form="reference")
@@ -174,7 +174,7 @@ def run_recipe(
 
         step = "pipeline"
         rules = RULES[name]
-        fallback = RULES[rules.fallback] if rules.fallback else "float"
+        fallback = rules.fallback or "float"
         t0 = time.perf_counter()
         # The five passes in order, split after annotate so the plan is recorded even when a
         # later pass refuses it (e.g. a recipe that quantizes nothing in this model).

@@ -50,7 +50,9 @@ class Annotate(Pass):
     Args:
         rules: the backend's rule data (e.g. ``qgraph.backends.tensorrt.rules.INT8``).
         overrides: ``(pattern, rules or None)`` pairs for per-layer precision (None: float).
-        fallback: rules for ops the recipe cannot run, ``"float"``, or None (such ops are errors).
+        fallback: what ops the recipe cannot run become: ``True`` — the ``fallback`` rule set of
+            the recipe that planned the node (an override's own), float if it has none; a rule
+            set or ``"float"`` — that, for every such op; None/False — an error naming the node.
     """
 
     name = "annotate"
@@ -60,7 +62,7 @@ class Annotate(Pass):
         self,
         rules: BackendRules,
         overrides: Sequence[tuple[str, BackendRules | None]] = (),
-        fallback: BackendRules | Literal["float"] | None = None,
+        fallback: bool | BackendRules | Literal["float"] | None = None,
     ) -> None:
         self.rules = rules
         self.overrides = tuple(overrides)
@@ -112,16 +114,23 @@ class Annotate(Pass):
             specs, reason = self._plan(node, rules)
         except _Unsupported as exc:
             why = str(exc)
-            if self.fallback is None:
-                alt = rules.fallback or "float"
+            alt = (rules.fallback or "float") if self.fallback is True else self.fallback
+            if not alt:
+                name = rules.fallback.precision if rules.fallback else "float"
                 raise PreconditionError(
                     f"{node_label(node)}: {rules.precision} is not supported here: {why}; "
-                    f"allow fallback (--fallback) to run it in {alt}, or override it"
+                    f"allow fallback (--fallback) to run it in {name}, or override it"
                 ) from None
-            if self.fallback == "float":
+            if alt == "float":
                 return {}, f"fallback to float: {why}", ""
-            specs, reason = self._plan(node, self.fallback)
-            return specs, reason, f"{self.fallback.precision}: {why}" if specs else ""
+            try:
+                specs, reason = self._plan(node, alt)
+            except _Unsupported as inner:
+                raise PreconditionError(
+                    f"{node_label(node)}: neither {rules.precision} ({why}) nor the fallback "
+                    f"{alt.precision} ({inner}) is supported here"
+                ) from None
+            return specs, reason, f"{alt.precision}: {why}" if specs else ""
         return specs, reason, ""
 
     def _plan(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:

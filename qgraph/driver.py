@@ -63,7 +63,7 @@ def backend_module(name: str):  # noqa: ANN201 - a backend module
 
 
 def resolve_recipe(module, precision: str, overrides=(), fallback: bool = False):  # noqa: ANN001, ANN201
-    """(rules, [(pattern, rules or None)], fallback rules / "float" / None) of a backend recipe.
+    """(rules, [(pattern, rules or None)], fallback: True or None) of a backend recipe.
 
     ``overrides`` are ``PATTERN=PRECISION`` strings; PRECISION ``float`` keeps the op in float.
     """
@@ -81,10 +81,7 @@ def resolve_recipe(module, precision: str, overrides=(), fallback: bool = False)
         if prec != "float" and prec not in module.RULES:
             raise InputError(f"--override {item!r}: unknown precision {prec!r} (has: float, {', '.join(module.RULES)})")
         parsed.append((pattern, None if prec == "float" else module.RULES[prec]))
-    chosen = None
-    if fallback:
-        chosen = module.RULES[rules.fallback] if rules.fallback else "float"
-    return rules, parsed, chosen
+    return rules, parsed, True if fallback else None
 
 
 def load_model(path: str | Path) -> torch.fx.GraphModule:

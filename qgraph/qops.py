@@ -14,8 +14,11 @@ order, round half to even, saturation), on CPU or CUDA tensors:
   - ``qgraph::fake_quant_dynamic(x, global_scale, block_size, element, scale_type)``: block
     scales computed at run time on the last axis (NVFP4 ``fp8_e4m3`` block scales, or MX ``e8m0``).
 
-Both have a straight-through gradient (1 inside the representable range, 0 where a value was
-saturated), so they train.
+Both have a straight-through gradient, so they train: ``fake_quant_fmt`` passes it where a value
+was inside the representable range and gives 0 where it saturated (and an LSQ gradient to a
+scale that requires one); ``fake_quant_dynamic`` passes it for every finite value, including the
+rare MX values that saturate at the top of a block under the OCP exponent rule. Both compute in
+float32 whatever the input type.
 """
 
 from __future__ import annotations
@@ -213,32 +216,45 @@ def reduce_to_scale(grad: Tensor, scale: Tensor, axis: int, block_size: int) -> 
 
 @torch.library.custom_op("qgraph::fake_quant_fmt", mutates_args=())
 def fake_quant_fmt(
-    x: Tensor, scale: Tensor, global_scale: Tensor, axis: int, block_size: int, element: str
+    x: Tensor,
+    scale: Tensor,
+    global_scale: Tensor,
+    axis: int,
+    block_size: int,
+    element: str,
+    scale_type: str = "float32",
 ) -> Tensor:
     """Static symmetric quantize-dequantize of ``x`` to ``element`` (zero-point 0).
 
     ``scale`` is 0-d (per tensor), 1-d on ``axis`` (per channel) or of x's rank with
     ``ceil(n / block_size)`` on ``axis`` (blocked); the effective scale is ``scale * global_scale``.
+    ``scale_type`` says what the scale values are (``float32``; ``fp8_e4m3``: NVFP4 block scales;
+    ``e8m0``: MX powers of two): the arithmetic is the same, the backends store them differently.
+    Computed in float32 whatever the input type, so the codes are the ONNX codes; the result is
+    cast back to ``x``'s type.
     """
     elem = fmt.element(element)
-    last = x.dim() - 1
-    if block_size and axis % x.dim() == last and x.shape[-1] % block_size == 0:
+    xf = x.to(torch.float32)
+    s = (scale * global_scale).to(torch.float32)
+    if block_size and axis % x.dim() == x.dim() - 1 and x.shape[-1] % block_size == 0:
         # whole blocks on the last axis: a view, no scale broadcast to x's size
-        s = (scale * global_scale).to(x.dtype).unsqueeze(-1)
-        blocks = x.reshape(*x.shape[:-1], -1, block_size)
-        return _round_(blocks / s, elem).mul_(s).reshape(x.shape)
-    s = expand((scale * global_scale).to(x.dtype), x, axis, block_size)
-    # one temporary, rounded in place: allocation, not arithmetic, is what costs on CPU
-    return _round_(x / s, elem).mul_(s)
+        s = s.unsqueeze(-1)
+        blocks = xf.reshape(*x.shape[:-1], -1, block_size)
+        out = _round_(blocks / s, elem).mul_(s).reshape(x.shape)
+    else:
+        s = expand(s, xf, axis, block_size)
+        # one temporary, rounded in place: allocation, not arithmetic, is what costs on CPU
+        out = _round_(xf / s, elem).mul_(s)
+    return out.to(x.dtype)
 
 
 @fake_quant_fmt.register_fake
-def _(x, scale, global_scale, axis, block_size, element):  # noqa: ANN001
+def _(x, scale, global_scale, axis, block_size, element, scale_type="float32"):  # noqa: ANN001
     return torch.empty_like(x)
 
 
 def _fmt_setup(ctx, inputs, output):  # noqa: ANN001
-    x, scale, global_scale, axis, block_size, name = inputs
+    x, scale, global_scale, axis, block_size, name = inputs[:6]
     ctx.axis, ctx.block_size, ctx.element = axis, block_size, name
     ctx.save_for_backward(x, scale, global_scale)
 
@@ -248,16 +264,17 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
     ``(R(v) - v) * global_scale`` inside the range, ``R(v) * global_scale`` outside."""
     x, scale, global_scale = ctx.saved_tensors
     elem = fmt.element(ctx.element)
-    s = expand((scale * global_scale).to(x.dtype), x, ctx.axis, ctx.block_size)
-    v = x / s
+    xf = x.to(torch.float32)
+    s = expand((scale * global_scale).to(torch.float32), xf, ctx.axis, ctx.block_size)
+    v = xf / s
     lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
     inside = (v >= lo) & (v <= hi)
-    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_s = None
     if ctx.needs_input_grad[1]:
-        per_element = grad * (_round_(v.clone(), elem) - v * inside) * global_scale
+        per_element = grad.to(torch.float32) * (_round_(v.clone(), elem) - v * inside) * global_scale
         grad_s = reduce_to_scale(per_element, scale, ctx.axis, ctx.block_size)
-    return grad_x, grad_s, None, None, None, None
+    return grad_x, grad_s, None, None, None, None, None
 
 
 fake_quant_fmt.register_autograd(_ste_backward, setup_context=_fmt_setup)
@@ -283,7 +300,7 @@ def fake_quant_dynamic(
     elem = fmt.element(element)
     n = x.shape[-1]
     s = dynamic_scales(x, global_scale, block_size, elem, scale_type)
-    xb = _blocks(x, -1, block_size)
+    xb = _blocks(x.to(torch.float32), -1, block_size)
     out = _round_(xb / s, elem).mul_(s).to(x.dtype)
     return out.reshape(*out.shape[:-2], -1)[..., :n]
 

@@ -122,12 +122,13 @@ def fake_quant(
 
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
-    s = _broadcast(scale, x, axis).to(x.dtype)
-    q = (x / s).round_()  # one temporary, updated in place: allocations dominate on CPU
+    s = _broadcast(scale, x, axis).to(torch.float32)
+    # float32 whatever x is (the ONNX codes); one temporary updated in place (allocation dominates)
+    q = (x.to(torch.float32) / s).round_()
     if bool(zero_point.any()):
-        z = _broadcast(zero_point, x, axis).to(x.dtype)
-        return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
-    return q.clamp_(qmin, qmax).mul_(s)
+        z = _broadcast(zero_point, x, axis).to(torch.float32)
+        return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).to(x.dtype)
+    return q.clamp_(qmin, qmax).mul_(s).to(x.dtype)
 
 
 @fake_quant.register_fake
@@ -146,11 +147,11 @@ def _backward(ctx, grad):  # noqa: ANN001
     scale that requires grad, the LSQ gradient ``q - z - v`` inside the range, ``q - z`` outside
     (v = x / s, q the saturated code), summed to the scale's shape."""
     x, scale, zero_point = ctx.saved_tensors
-    s = _broadcast(scale, x, ctx.axis).to(x.dtype)
-    z = _broadcast(zero_point, x, ctx.axis).to(x.dtype)
-    v = x / s
+    s = _broadcast(scale, x, ctx.axis).to(torch.float32)
+    z = _broadcast(zero_point, x, ctx.axis).to(torch.float32)
+    v = x.to(torch.float32) / s
     inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
-    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_s = None
     if ctx.needs_input_grad[1]:
         q = torch.clamp(torch.round(v) + z, ctx.qmin, ctx.qmax)
@@ -305,7 +306,7 @@ class FakeQuant(torch.nn.Module):
                 x, self.global_scale, spec.block_size, spec.dtype, spec.scale_type
             )
         return torch.ops.qgraph.fake_quant_fmt(
-            x, scale, self.global_scale, axis, spec.block_size or 0, spec.dtype
+            x, scale, self.global_scale, axis, spec.block_size or 0, spec.dtype, spec.scale_type
         )
 
     def extra_repr(self) -> str:

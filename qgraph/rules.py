@@ -63,8 +63,8 @@ class BackendRules:
         ops: op kind → rule. Kinds not listed stay in float.
         weighted_kinds: op kinds whose output a residual Add can fuse with.
         float_reasons: op kind → why it stays in float (for the summary).
-        fallback: the precision an unsupported op runs in when the user allows fallback
-            (None: float).
+        fallback: the rule set an unsupported op runs in when the user allows fallback
+            (None: float), e.g. FP8 for NVFP4 on a Conv.
     """
 
     backend: str
@@ -74,7 +74,7 @@ class BackendRules:
     ops: Mapping[str, OpRule]
     weighted_kinds: frozenset[str]
     float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    fallback: str | None = None
+    fallback: BackendRules | None = None
 
     def weight_spec(self, channel_axis: int | None, reduction_axis: int | None = None) -> QSpec:
         """The weight spec on one op: blocked specs run along ``reduction_axis``."""

@@ -41,7 +41,7 @@ def quantized(name: str, precision: str):
     g = torch.Generator().manual_seed(3)
     calib = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(3)]
     rules = _rules(precision)
-    fallback = tensorrt.RULES[rules.fallback] if rules.fallback else "float"
+    fallback = rules.fallback or "float"
     Sequential(
         [FoldBatchNorm(), Annotate(rules, fallback=fallback), InsertObservers("max"), Calibrate(calib), InsertQDQ()]
     )(gm)

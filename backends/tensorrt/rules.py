@@ -126,7 +126,6 @@ W4A16 = BackendRules(
     weighted_kinds=WEIGHTED_KINDS,
     ops=_gemm_only("TensorRT's INT4 weight-only quantization runs on GEMMs only", False),
     float_reasons=_BLOCK_FLOAT_REASONS,
-    fallback=None,
 )
 
 def _block_recipe(precision: str, element: str, block: int, scale_type: str, why: str) -> BackendRules:
@@ -139,7 +138,7 @@ def _block_recipe(precision: str, element: str, block: int, scale_type: str, why
         weighted_kinds=WEIGHTED_KINDS,
         ops=_gemm_only(why, True),
         float_reasons=_BLOCK_FLOAT_REASONS,
-        fallback="fp8",
+        fallback=FP8,
     )
 
 
