@@ -20,6 +20,9 @@ from qgraph.graph import op_kind, unique_attr_name
 
 __all__ = ["InsertObservers"]
 
+#: calibrators that score thresholds by the error of INT8 rounding (not FP8, FP4, block scales)
+_INT8_GRID_CALIBRATORS = ("mse", "entropy")
+
 
 class InsertObservers(Pass):
     """Insert activation observers. Counts: ``observers``.
@@ -72,6 +75,11 @@ class InsertObservers(Pass):
                 src = node.args[index]
                 if not spec.needs_calibration or _is_quantizer(graph, src):
                     continue
+                if self.calibrator in _INT8_GRID_CALIBRATORS and not spec.is_int8:
+                    raise PreconditionError(
+                        f"calibrator {self.calibrator} searches thresholds on the INT8 grid; "
+                        f"input {index} of {node.name} is {spec.describe()}: use max or percentile"
+                    )
                 key = (src, spec)
                 if key not in observers:
                     name = unique_attr_name(graph, f"obs_{src.name}")

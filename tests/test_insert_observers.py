@@ -210,3 +210,15 @@ def test_verify_after_insert_observers(name):
     for n in _observer_nodes(gm):
         assert order[n] > order[n.args[0]]
         assert order[n] < min(order[u] for u in n.users)
+
+
+def test_int8_grid_calibrators_are_refused_for_other_formats():
+    """mse and entropy score thresholds by INT8 rounding error: a clear error for FP8/NVFP4."""
+    from qgraph.backends.tensorrt import FP8
+
+    model, x = make("mlp")
+    gm = qgraph.capture(model, (x,))
+    Annotate(FP8)(gm)
+    with pytest.raises(PreconditionError, match="calibrator mse searches thresholds on the INT8 grid.*fp8_e4m3"):
+        InsertObservers("mse")(gm)
+    assert InsertObservers("percentile")(gm).modified
