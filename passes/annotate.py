@@ -72,6 +72,7 @@ class Annotate(Pass):
         self._gm = graph
         weighted = [n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds]
         self._ends = {"@first": weighted[:1], "@last": weighted[-1:]}
+        self._matched: set[str] = set()
         changed = False
         quantized = left_float = 0
         for node in graph.graph.nodes:
@@ -91,6 +92,11 @@ class Annotate(Pass):
             if node.meta.get(FLOAT_META) != (reason or None):
                 changed = True
                 _set_meta(node, FLOAT_META, reason or None)
+        unmatched = [p for p, _ in self.overrides if p not in self._matched]
+        if unmatched:
+            example = next((n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds), None)
+            hint = f" (names look like {example.name!r} or {_module_path(example)!r})" if example else ""
+            raise PreconditionError(f"override pattern(s) {', '.join(map(repr, unmatched))} match no op{hint}")
         return PassResult(graph, changed, {"quantized": quantized, "float": left_float})
 
     def _rules_for(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
@@ -102,6 +108,7 @@ class Annotate(Pass):
             else:
                 hit = any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
             if hit:
+                self._matched.add(pattern)
                 return rules, pattern
         return self.rules, ""
 

@@ -154,6 +154,8 @@ def lower_file(
     if form not in module.FORMS:
         raise InputError(f"unknown form {form!r} (known: {', '.join(module.FORMS)})")
     rules, override_rules, fallback_rules = resolve_recipe(module, precision, overrides, fallback)
+    if form == "deploy" and precision in getattr(module, "REFERENCE_ONLY", ()):
+        raise InputError(module.REFERENCE_ONLY[precision])  # before any calibration work
     gm = load_model(model_path)
     if calib_path is None:
         raise InputError("--calib DATA is required: PTQ needs calibration data")

@@ -327,3 +327,10 @@ def test_recipe_bad_input(model_file, calib_file, tmp_path, capsys):
     assert "PATTERN=PRECISION" in _bad(tmp_path, model_file, calib_file, capsys, "--override", "fc")
     assert "unknown precision 'int3'" in _bad(tmp_path, model_file, calib_file, capsys, "--override", "fc=int3")
     assert "no precision 'fp16'" in _bad(tmp_path, model_file, calib_file, capsys, "--precision", "fp16")
+
+
+def test_override_matching_nothing_and_mxfp4_deploy_are_refused_up_front(model_file, calib_file, tmp_path, capsys):
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--override", "nosuch*=float")
+    assert "override pattern(s) 'nosuch*' match no op (names look like 'linear' or 'net.0')" in err
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "mxfp4")
+    assert "no MXFP4 path" in err and "--form reference" in err

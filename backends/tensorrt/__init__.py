@@ -2,10 +2,22 @@
 
 from qgraph.backends.tensorrt.check import InspectReport, inspect_model
 from qgraph.backends.tensorrt.lower import FORMS, lower, ort_runnable, required_opset
-from qgraph.backends.tensorrt.rules import FP8, INT8, MXFP4, MXFP8, NVFP4, OPSET, RULES, W4A16, WEIGHTED_KINDS
+from qgraph.backends.tensorrt.rules import (
+    FP8,
+    INT8,
+    MXFP4,
+    MXFP8,
+    NVFP4,
+    OPSET,
+    REFERENCE_ONLY,
+    RULES,
+    W4A16,
+    WEIGHTED_KINDS,
+)
 
 __all__ = [
     "RULES",
+    "REFERENCE_ONLY",
     "INT8",
     "FP8",
     "W4A16",

@@ -7,7 +7,7 @@ import torch.fx
 
 from qgraph._errors import QGraphError
 from qgraph.backends import _onnx
-from qgraph.backends.tensorrt.rules import OPSET
+from qgraph.backends.tensorrt.rules import OPSET, REFERENCE_ONLY
 from qgraph.quant import FakeQuant, QSpec
 
 __all__ = ["lower", "required_opset", "ort_runnable", "FORMS"]
@@ -55,10 +55,7 @@ def lower(
         raise QGraphError(f"unknown form {form!r} (known: {', '.join(FORMS)})")
     specs = {m.spec for m in gm.modules() if isinstance(m, FakeQuant)}
     if form == "deploy" and any(s.scale_type == "e8m0" and s.dtype == "fp4_e2m1" for s in specs):
-        raise QGraphError(
-            "TensorRT has no MXFP4 path (its FP4 quantizer takes E4M3 block scales only): "
-            "use precision nvfp4, or write the onnxruntime reference form"
-        )
+        raise QGraphError(REFERENCE_ONLY["mxfp4"])
     opset = required_opset(gm) if form == "deploy" else max(REFERENCE_OPSET, OPSET)
     if form == "reference" and all(s.is_int8 for s in specs):
         opset = OPSET  # nothing to rewrite: the INT8 deploy form is its own reference

@@ -36,7 +36,18 @@ import dataclasses
 from qgraph.quant import QSpec, int8_act, int8_weight
 from qgraph.rules import BackendRules, InputRule, OpRule
 
-__all__ = ["INT8", "FP8", "W4A16", "NVFP4", "MXFP8", "MXFP4", "RULES", "OPSET", "WEIGHTED_KINDS"]
+__all__ = [
+    "INT8",
+    "FP8",
+    "W4A16",
+    "NVFP4",
+    "MXFP8",
+    "MXFP4",
+    "RULES",
+    "REFERENCE_ONLY",
+    "OPSET",
+    "WEIGHTED_KINDS",
+]
 
 #: ONNX opset of the INT8 and FP8 lowerings. INT8 Q/DQ needs 13 (per-axis scales); TensorRT 10
 #: parses standard ops up to opset 20, and 19+ is what FP8 Q/DQ needs, so one opset serves both.
@@ -145,6 +156,12 @@ def _block_recipe(precision: str, element: str, block: int, scale_type: str, why
 NVFP4 = _block_recipe("nvfp4", "fp4_e2m1", 16, "fp8_e4m3", "TensorRT runs NVFP4 on GEMMs (Gemm/MatMul) only")
 MXFP8 = _block_recipe("mxfp8", "fp8_e4m3", 32, "e8m0", "TensorRT runs MXFP8 on GEMMs (Gemm/MatMul) only")
 MXFP4 = _block_recipe("mxfp4", "fp4_e2m1", 32, "e8m0", "block formats run on GEMMs (Gemm/MatMul) only")
+
+#: recipes with no TensorRT deploy form → why (they lower to the reference form only).
+REFERENCE_ONLY = {
+    "mxfp4": "TensorRT has no MXFP4 path (its FP4 quantizer takes E4M3 block scales only): "
+    "use precision nvfp4, or write the onnxruntime reference form (--form reference)",
+}
 
 #: precision name → rule set (the recipes ``--precision`` selects).
 RULES = {r.precision: r for r in (INT8, FP8, W4A16, NVFP4, MXFP8, MXFP4)}
