@@ -1,0 +1,138 @@
+"""QAT training-step time against the FP32 training step of the same graph (goal: ≤ 1.2×).
+
+For each model and recipe this captures the model with ``qgraph.capture`` twice: once left in
+FP32, once prepared for QAT (``fold-batchnorm → annotate(recipe, fallback) → insert-observers →
+calibrate → insert-fake-quant``: weights track their scales, activation scales frozen). Both graphs
+train with the same optimizer (AdamW) on the same batch; one *step* is zero_grad + forward + loss +
+backward + optimizer step. After ``--warmup`` untimed steps, ``--steps`` steps are timed one by one
+with ``time.perf_counter``; the median is reported, and the QAT/FP32 ratio of the medians.
+
+Models: the zoo transformer block (dim 32, seq 8; tiny, so per-op overheads dominate), the zoo
+ResCNN, and — when ``benchmarks/tinylm.py`` is importable — the byte-level TinyLM (about 3M
+parameters, batch 16 × 128 bytes), the model of the QAD study. ``torch.set_num_threads(1)``.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_qat_step.py [--steps 20] [--warmup 3] [--recipes int8,nvfp4]
+
+Writes ``benchmarks/results_qat_step.json`` next to this script and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qgraph
+from qgraph import Sequential
+from qgraph.backends import tensorrt
+from qgraph.examples.zoo import make
+from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertFakeQuant, InsertObservers
+
+HERE = Path(__file__).resolve().parent
+
+
+def _models():
+    """(name, model, example input, loss function on (output, batch)) of every benchmarked model."""
+    out = []
+    for name in ("transformer", "rescnn"):
+        model, x = make(name)
+        batch = torch.randn(32, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        out.append((name, model, batch, lambda y: y.float().pow(2).mean()))
+    try:
+        sys.path.insert(0, str(HERE))
+        import tinylm  # noqa: PLC0415 - optional: the study's model
+
+        lm = tinylm.TinyLM()
+        tokens = torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0))
+        targets = torch.roll(tokens, -1, dims=1)
+        loss = lambda y: torch.nn.functional.cross_entropy(y.reshape(-1, 256), targets.reshape(-1))  # noqa: E731
+        out.append(("tinylm", lm, tokens, loss))
+    except Exception as exc:  # the optional model is missing or does not build
+        print(f"tinylm skipped: {type(exc).__name__}: {exc}")
+    return out
+
+
+def _time_steps(gm: torch.nn.Module, batch: torch.Tensor, loss_fn, warmup: int, steps: int) -> list[float]:
+    gm.train()
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(gm(batch))
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _qat_graph(model, batch, recipe: str):
+    gm = qgraph.capture(model, (batch[:4],))
+    rules = tensorrt.RULES[recipe]
+    calib = [batch[:8]]
+    Sequential(
+        [FoldBatchNorm(), Annotate(rules, fallback=True), InsertObservers("max"), Calibrate(calib), InsertFakeQuant()]
+    )(gm)
+    return gm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--recipes", default="int8,fp8,nvfp4")
+    parser.add_argument("--out", default=str(HERE / "results_qat_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows, raw = [], {}
+    for name, model, batch, loss_fn in _models():
+        fp32 = qgraph.capture(model, (batch[:4],))
+        FoldBatchNorm()(fp32)  # the same folded graph QAT trains
+        base = _time_steps(fp32, batch, loss_fn, args.warmup, args.steps)
+        raw[f"{name}/fp32"] = base
+        base_ms = 1e3 * statistics.median(base)
+        rows.append((name, "fp32", base_ms, 1.0))
+        for recipe in args.recipes.split(","):
+            try:
+                qat = _qat_graph(model, batch, recipe)
+            except qgraph.QGraphError as exc:
+                rows.append((name, recipe, float("nan"), float("nan")))
+                print(f"{name} {recipe}: {exc}")
+                continue
+            times = _time_steps(qat, batch, loss_fn, args.warmup, args.steps)
+            raw[f"{name}/{recipe}"] = times
+            ms = 1e3 * statistics.median(times)
+            rows.append((name, recipe, ms, ms / base_ms))
+            print(f"{name} {recipe}: {ms:.1f} ms ({ms / base_ms:.2f}x fp32)", flush=True)
+    print("\n| model | graph | step ms (median) | × FP32 |\n|---|---|---|---|")
+    for name, graph, ms, ratio in rows:
+        print(f"| {name} | {graph} | {ms:.1f} | {ratio:.2f} |")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": 1,
+                "rows": rows,
+                "step_seconds": raw,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""PTQ vs QAT vs QAD, same data and step budget: the tiny byte-level LM and the digits CNN.
+
+For each model and recipe:
+
+* **FP32**: the trained model (the LM's teacher is trained here, ``benchmarks/tinylm.py``, and
+  cached under ``benchmarks/.cache/``; the CNN is the bundled ``digits_cnn.pt2``);
+* **PTQ**: ``annotate(recipe, fallback) → insert-observers(max) → calibrate → insert-qdq``;
+* **QAT**: the calibrated graph, ``insert-fake-quant`` (weights track their scales, activation
+  scales frozen), trained on the task loss (next-byte cross-entropy / cross-entropy on labels);
+* **QAD**: the same start, ``insert-fake-quant`` then ``insert-distill-taps`` with the FP32 graph
+  as the frozen teacher, trained on KL(teacher ‖ student) of the logits at temperature 1 alone
+  (the QAD report's recipe).
+
+QAT and QAD use the same batches (same seed), steps, AdamW learning rate with 5 % linear warmup
+and cosine decay, and gradient clipping at 1.0. Metrics: the LM's validation cross-entropy
+(nats/byte), perplexity and KL to the teacher on fixed validation windows; the CNN's top-1 on the
+450 held-out images. ``gap closed`` = (metric_PTQ − metric_X) / (metric_PTQ − metric_FP32).
+
+Usage::
+
+    .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,int8] [--steps 150]
+
+Writes ``benchmarks/results_qad.json`` and prints markdown tables. ``torch.set_num_threads(2)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import qgraph
+from qgraph import Sequential
+from qgraph.backends import tensorrt
+from qgraph.passes import (
+    Annotate,
+    Calibrate,
+    FoldBatchNorm,
+    InsertDistillTaps,
+    InsertFakeQuant,
+    InsertObservers,
+    InsertQDQ,
+)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    warmup = max(1, round(0.05 * steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _calibrated(model: torch.nn.Module, example: torch.Tensor, recipe: str, calib: list) -> torch.fx.GraphModule:
+    gm = qgraph.capture(model, (example,))
+    Sequential(
+        [FoldBatchNorm(), Annotate(tensorrt.RULES[recipe], fallback=True), InsertObservers("max"), Calibrate(calib)]
+    )(gm)
+    return gm
+
+
+def _finetune(gm: torch.fx.GraphModule, batches, loss_fn, steps: int, lr: float, label: str) -> list[float]:
+    """Train ``gm`` in place; ``loss_fn(output, batch)`` (QAD: output is ``(logits, kl)``)."""
+    gm.train()
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    history = []
+    bar = tqdm(range(steps), desc=label, unit="step", leave=False, disable=None)  # no bar off a TTY
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        inputs, targets = next(batches)
+        loss = loss_fn(gm(inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{sum(history[-10:]) / len(history[-10:]):.4f}")
+    gm.eval()
+    return history
+
+
+def _three_ways(model, example, recipe, calib, batches_fn, task_loss, steps, lr):
+    """(PTQ graph, QAT graph, QAD graph, seconds per arm) from one calibration."""
+    base = _calibrated(model, example, recipe, calib)
+    ptq = copy.deepcopy(base)
+    InsertQDQ()(ptq)
+    qat = copy.deepcopy(base)
+    InsertFakeQuant()(qat)
+    t0 = time.perf_counter()
+    qat_hist = _finetune(qat, batches_fn(), lambda out, y: task_loss(out, y), steps, lr, f"QAT {recipe}")
+    qat_s = time.perf_counter() - t0
+    qad = copy.deepcopy(base)
+    teacher = qgraph.capture(model, (example,))
+    FoldBatchNorm()(teacher)
+    InsertFakeQuant()(qad)
+    InsertDistillTaps(teacher, temperature=1.0)(qad)
+    t0 = time.perf_counter()
+    qad_hist = _finetune(qad, batches_fn(), lambda out, y: out[1], steps, lr, f"QAD {recipe}")
+    qad_s = time.perf_counter() - t0
+    return ptq, qat, qad, {"qat_s": qat_s, "qad_s": qad_s, "qat_loss": qat_hist, "qad_loss": qad_hist}
+
+
+def _gap(ptq: float, x: float, fp32: float) -> float:
+    return (ptq - x) / (ptq - fp32) if ptq != fp32 else float("nan")
+
+
+def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict]:
+    import tinylm
+
+    model = tinylm.teacher()
+    calib = tinylm.calibration_batches(8, 32)
+    fp32 = tinylm.evaluate(model)
+    rows = [{"model": "tinylm", "recipe": "-", "arm": "FP32", **fp32, "kl": 0.0}]
+    print(f"tinylm FP32: ce {fp32['ce']:.4f} nats/byte", flush=True)
+    for recipe in recipes:
+        graphs = _three_ways(
+            model,
+            calib[0][:4],
+            recipe,
+            calib,
+            lambda: tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
+            lambda out, y: F.cross_entropy(out.reshape(-1, 256), y.reshape(-1)),
+            steps,
+            lr,
+        )
+        ptq_ce = None
+        for arm, gm in zip(("PTQ", "QAT", "QAD"), graphs[:3]):
+            metrics = tinylm.evaluate(gm)
+            kl = tinylm.kl_to_teacher(gm, model)
+            ptq_ce = metrics["ce"] if arm == "PTQ" else ptq_ce
+            row = {"model": "tinylm", "recipe": recipe, "arm": arm, **metrics, "kl": kl}
+            row["gap_closed"] = _gap(ptq_ce, metrics["ce"], fp32["ce"]) if arm != "PTQ" else 0.0
+            row["train_s"] = graphs[3].get(f"{arm.lower()}_s")
+            rows.append(row)
+            print(f"tinylm {recipe} {arm}: ce {metrics['ce']:.4f} kl {kl:.4f}", flush=True)
+        rows[-1]["loss_history"] = graphs[3]["qad_loss"]
+        rows[-2]["loss_history"] = graphs[3]["qat_loss"]
+    return rows
+
+
+def study_cnn(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict]:
+    import numpy as np
+
+    from qgraph.capture import load_pt2
+    from qgraph.examples.digits import CALIB_PATH, MODEL_PATH, TEST_PATH, load_split
+
+    split = load_split(0)
+    x_train = torch.from_numpy(split["x_train"]).float()
+    y_train = torch.from_numpy(split["y_train"]).long()
+    with np.load(TEST_PATH) as test:
+        x_test, y_test = torch.from_numpy(test["x"]), torch.from_numpy(test["y"])
+    with np.load(CALIB_PATH) as c:
+        calib = list(torch.from_numpy(c["x"]).split(32))
+    fp32_graph = load_pt2(MODEL_PATH)
+
+    def top1(gm) -> float:
+        with torch.no_grad():
+            out = gm(x_test)
+        out = out[0] if isinstance(out, tuple) else out
+        return 100.0 * float((out.argmax(1) == y_test).float().mean())
+
+    def batches():
+        g = torch.Generator().manual_seed(11)
+        while True:
+            idx = torch.randint(0, len(x_train), (batch,), generator=g)
+            yield x_train[idx], y_train[idx]
+
+    fp32 = top1(fp32_graph)
+    rows = [{"model": "digits", "recipe": "-", "arm": "FP32", "top1": fp32}]
+    for recipe in recipes:
+        graphs = _three_ways(fp32_graph, calib[0][:4], recipe, calib, batches, F.cross_entropy, steps, lr)
+        ptq = None
+        for arm, gm in zip(("PTQ", "QAT", "QAD"), graphs[:3]):
+            acc = top1(gm)
+            ptq = acc if arm == "PTQ" else ptq
+            rows.append({"model": "digits", "recipe": recipe, "arm": arm, "top1": acc,
+                         "gap_closed": _gap(-ptq, -acc, -fp32) if arm != "PTQ" else 0.0})
+            print(f"digits {recipe} {arm}: top-1 {acc:.2f}%", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="lm,cnn")
+    parser.add_argument("--recipes", default="nvfp4,w4a16,int8")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", default=str(HERE / "results_qad.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    recipes = args.recipes.split(",")
+    rows = []
+    if "lm" in args.models:
+        rows += study_lm(recipes, args.steps, args.lr, args.batch)
+    if "cnn" in args.models:
+        rows += study_cnn([r for r in recipes if r != "w4a16"], args.steps, args.lr, 32)
+    print("\n| model | recipe | arm | CE nats/byte | KL to teacher | top-1 | gap closed |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        ce = f"{r['ce']:.4f}" if "ce" in r else ""
+        kl = f"{r['kl']:.4f}" if "kl" in r else ""
+        top1 = f"{r['top1']:.2f}%" if "top1" in r else ""
+        gap = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") not in (None, 0.0) else ""
+        print(f"| {r['model']} | {r['recipe']} | {r['arm']} | {ce} | {kl} | {top1} | {gap} |")
+    total = time.perf_counter() - start
+    print(f"total {total:.0f} s")
+    Path(args.out).write_text(json.dumps(
+        {"command": " ".join(sys.argv), "args": vars(args), "torch": torch.__version__,
+         "python": platform.python_version(), "total_s": total, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
