@@ -147,3 +147,28 @@ def test_batchnorm_is_folded_before_qat_so_training_matches_the_deployed_model()
     assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
     report = check_parity(gm, onnx_bytes, (data[1],))
     assert report.max_relative <= 0.02, report.summary()  # conv summation order, see test_lowering
+
+
+def test_qat_graph_trains_under_autocast_and_torch_compile():
+    """The QAT graph is an ordinary module: bf16 autocast (the quantizers compute in float32 and
+    hand back the input's type) and torch.compile (aot_eager: the custom ops' fake kernels and
+    autograd formulas) give the eager gradients."""
+    gm, data = _calibrated()
+    InsertFakeQuant(learn_scales=True)(gm)
+    gm.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gm(data[0])
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters() if p.requires_grad)
+    gm.zero_grad()
+    eager = gm(data[0]).pow(2).mean()
+    eager.backward()
+    grads = [p.grad.clone() for p in gm.parameters() if p.requires_grad]
+    gm.zero_grad()
+    compiled = torch.compile(gm, backend="aot_eager")
+    loss = compiled(data[0]).pow(2).mean()
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=0, atol=0)
+    for g, p in zip(grads, (p for p in gm.parameters() if p.requires_grad)):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
