@@ -26,7 +26,7 @@ from qgraph._errors import PreconditionError
 from qgraph._pass import PassResult
 from qgraph.observers import Observer
 from qgraph.passes.insert_qdq import InsertQDQ
-from qgraph.quant import FakeQuant
+from qgraph.quant import QUANT_META, FakeQuant
 
 __all__ = ["InsertFakeQuant"]
 
@@ -60,7 +60,8 @@ class InsertFakeQuant(InsertQDQ):
         return opts
 
     def requires(self, graph: torch.fx.GraphModule) -> None:
-        if not any(isinstance(m, (Observer, FakeQuant)) for m in graph.modules()):
+        planned = any(QUANT_META in n.meta for n in graph.graph.nodes)  # weight-only plans
+        if not planned and not any(isinstance(m, (Observer, FakeQuant)) for m in graph.modules()):
             raise PreconditionError(
                 "no quantizers or observers: run annotate, insert-observers and calibrate first"
             )

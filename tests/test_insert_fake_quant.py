@@ -172,3 +172,18 @@ def test_qat_graph_trains_under_autocast_and_torch_compile():
     torch.testing.assert_close(loss, eager, rtol=0, atol=0)
     for g, p in zip(grads, (p for p in gm.parameters() if p.requires_grad)):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_only_plans_prepare_for_qat():
+    """w4a16 has no activation observers: insert-fake-quant still quantizes and tracks weights."""
+    import dataclasses
+
+    rules = dataclasses.replace(
+        tensorrt.W4A16, weight=dataclasses.replace(tensorrt.W4A16.weight, block_size=32)
+    )
+    model, x = make("mlp")
+    gm = qgraph.capture(model, (x,))
+    Sequential([Annotate(rules), InsertObservers(), Calibrate([x])])(gm)
+    result = InsertFakeQuant()(gm)
+    assert result.counts["weights"] == 3 and result.counts["activations"] == 0
+    assert all(m.track_weight for m in _quantizers(gm).values())
