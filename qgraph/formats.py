@@ -21,7 +21,8 @@ Scale rules (all float32 arithmetic, in this order, so numpy, torch and ONNX agr
 * integer, per tensor/channel/block: ``amax / qmax`` (127 for INT8, 7 for INT4: codes stay in
   [-qmax, qmax] up to rounding; -128/-8 are reachable only by saturation);
 * integer, asymmetric (:func:`affine_scale`, per tensor or channel): the range [min, max] widened to
-  hold 0, ``scale = (max - min) / (qmax - qmin)``, ``zero_point = clip(round(qmin - min / scale))``;
+  hold 0, ``scale = max / (qmax - qmin) - min / (qmax - qmin)`` (divided first, so huge ranges do
+  not overflow), ``zero_point = clip(round(qmin - min / scale))``;
 * FP8: ``amax / 448`` (E4M3) or ``amax / 57344`` (E5M2);
 * NVFP4: ``s_g = amax / 2688`` (6·448), ``s_b = E4M3(clip(block_amax / (6·s_g), 2^-9, 448))``,
   elements ``E2M1(x / (s_b·s_g))``;
@@ -222,7 +223,8 @@ def affine_scale(
     flat = x.reshape(1, -1) if axis is None else np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
     lo = np.minimum(flat.min(axis=1), np.float32(0))
     hi = np.maximum(flat.max(axis=1), np.float32(0))
-    scale = _positive((hi - lo) / np.float32(elem.qmax - elem.qmin))
+    steps = np.float32(elem.qmax - elem.qmin)
+    scale = _positive(hi / steps - lo / steps)  # divided first: hi - lo can overflow float32
     zp = np.clip(np.rint(np.float32(elem.qmin) - lo / scale), elem.qmin, elem.qmax).astype(elem.np_dtype)
     return (scale[0], zp[0]) if axis is None else (scale, zp)
 

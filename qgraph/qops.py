@@ -125,7 +125,8 @@ def affine_scale(x: Tensor, elem: Element | str, axis: int | None = None) -> tup
     flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
     lo = flat.amin(dim=1).clamp(max=0.0)
     hi = flat.amax(dim=1).clamp(min=0.0)
-    scale = positive((hi - lo) / float(elem.qmax - elem.qmin))
+    steps = float(elem.qmax - elem.qmin)
+    scale = positive(hi / steps - lo / steps)  # divided first: hi - lo can overflow float32
     zp = torch.round(elem.qmin - lo / scale).clamp(elem.qmin, elem.qmax)
     return (scale[0], zp[0]) if axis is None else (scale, zp)
 
