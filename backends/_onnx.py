@@ -52,9 +52,9 @@ def export_onnx(
     """
     from qgraph.backends import _translate
     from qgraph.capture import INPUT_NAMES, OUTPUT_NAMES, dynamic_shapes_of
-    from qgraph.quant import refresh_weight_scales
+    from qgraph.quant import prepare_for_export
 
-    refresh_weight_scales(gm)  # QAT: the scales of the final weights, not of the last forward's
+    prepare_for_export(gm)  # QAT: scales of the final weights; learned scales kept positive
     gm = _without_distill_taps(gm)
     if form == "reference":
         gm = decode_weights(gm)
@@ -63,7 +63,12 @@ def export_onnx(
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes_of(gm))
+        training = gm.training
+        gm.eval()  # what is deployed is the inference graph (no range observation, no dropout)
+        try:
+            program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes_of(gm))
+        finally:
+            gm.train(training)
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,

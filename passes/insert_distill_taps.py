@@ -70,7 +70,12 @@ class InsertDistillTaps(Pass):
         self.kl_weight = float(kl_weight)
 
     def requires(self, graph: torch.fx.GraphModule) -> None:
+        meta = graph.meta.get(DISTILL_META)
+        if meta is not None and meta["taps"] != self.taps:
+            raise PreconditionError("the graph already has distillation taps: remove-distill-taps first")
         for label, gm in (("student", graph), ("teacher", self.teacher)):
+            if getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None) is None:
+                raise PreconditionError(f"the {label} must come from qgraph.capture (a pytree output spec)")
             names = {n.name for n in gm.graph.nodes if n.op not in ("output",)}
             for tap in self.taps:
                 if tap not in names:

@@ -11,8 +11,10 @@ Runs after calibration. Calibrated observers become :class:`~qgraph.quant.FakeQu
     keep widening with the running max |x| for the first ``observe_steps`` training calls.
 
 Gradients are straight-through with the clipping mask (exactly 0 where a value saturated). The
-result is an ordinary ``nn.Module``: use it with any optimizer, AMP or DDP; put it in
-``train()`` mode for training and lower it with the same backend call as a PTQ graph.
+result is an ordinary ``nn.Module``: any optimizer (keep learned scales out of weight decay),
+bf16 autocast, ``torch.compile``, DDP (observed ranges are max-reduced across ranks); put it in
+``train()`` mode for training and lower it with the same backend call as a PTQ graph (the
+backends export the eval-mode graph, with tracked scales refreshed from the final weights).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class InsertFakeQuant(InsertQDQ):
     def __init__(self, learn_scales: bool = False, observe_steps: int = 0) -> None:
         if not isinstance(observe_steps, int) or observe_steps < 0:
             raise PreconditionError(f"observe_steps must be an integer >= 0, got {observe_steps!r}")
+        if learn_scales and observe_steps:
+            raise PreconditionError("learn_scales and observe_steps exclude each other: a learned scale learns its range")
         self.learn_scales = bool(learn_scales)
         self.observe_steps = observe_steps
 

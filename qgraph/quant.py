@@ -19,7 +19,7 @@ from qgraph import formats
 from qgraph._errors import QGraphError
 from qgraph import qops  # also registers qgraph::fake_quant_fmt / fake_quant_dynamic
 
-__all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "refresh_weight_scales", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
+__all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "prepare_for_export", "refresh_weight_scales", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
 
 
 #: fx ``node.meta`` keys of the quantization plan: {input index: QSpec}, and why a node stays float.
@@ -163,7 +163,8 @@ fake_quant.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FakeQuant(torch.nn.Module):
-    """A quantizer on one graph edge: holds the spec and its scale buffers.
+    """A quantizer on one graph edge: holds the spec and its scales (buffers; a learned scale is a
+    parameter).
 
     Build one with :meth:`for_weight` or :meth:`for_activation`, which apply the format's
     scale rule. INT8/UINT8 specs run ``qgraph::fake_quant``; other static specs
@@ -241,6 +242,8 @@ class FakeQuant(torch.nn.Module):
         """
         if learn_scale and (self.spec.dynamic or self.spec.scale_type != "float32"):
             raise QGraphError(f"{self.spec.describe()}: only float32 scales can be learned")
+        if learn_scale and (track_weight or observe_steps):
+            raise QGraphError("a learned scale is neither tracked nor observed: pick one")
         changed = (self.track_weight, self.learnable, self.observe_steps) != (
             track_weight, learn_scale, observe_steps
         )
@@ -268,6 +271,9 @@ class FakeQuant(torch.nn.Module):
         """Widen the activation range with max |x| (the first ``observe_steps`` training calls)."""
         self.observed += 1
         amax = x.detach().abs().max().to(torch.float32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank widens to the same range (DDP would otherwise keep rank 0's or diverge)
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
         spec = self.spec
         if spec.is_int8:
             self.scale.copy_(torch.maximum(self.scale, symmetric_scale(amax, spec)))
@@ -292,25 +298,40 @@ class FakeQuant(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
         axis = spec.axis if spec.axis is not None else 0
-        if self.training and self.observed < self.observe_steps:
+        exporting = torch.compiler.is_exporting()
+        observing = self.training and self.observed < self.observe_steps and not exporting
+        tracking = self.track_weight and not exporting
+        if observing:
             self._observe(x)
-        if self.track_weight and not torch.compiler.is_exporting():
+        if tracking:
             self.refresh(x)
         scale = self.scale
-        if self.learnable and torch.is_grad_enabled():
-            scale = _GradScale.apply(scale, (x.numel() / scale.numel() * spec.qmax) ** -0.5)
+        global_scale = getattr(self, "global_scale", None)
+        if observing or tracking:
+            # the buffers change again on the next call: the op must keep its own copies for
+            # backward (two forwards before one backward would fail otherwise)
+            scale = scale.clone()
+            global_scale = global_scale.clone() if global_scale is not None else None
+        if self.learnable and not exporting:
+            scale = scale.clamp_min(_TINY)  # a learned scale stays positive (see prepare_for_export)
+            if torch.is_grad_enabled():
+                scale = _GradScale.apply(scale, (x.numel() / scale.numel() * spec.qmax) ** -0.5)
         if spec.is_int8:
             return torch.ops.qgraph.fake_quant(x, scale, self.zero_point, axis, spec.qmin, spec.qmax)
         if spec.dynamic:
             return torch.ops.qgraph.fake_quant_dynamic(
-                x, self.global_scale, spec.block_size, spec.dtype, spec.scale_type
+                x, global_scale, spec.block_size, spec.dtype, spec.scale_type
             )
         return torch.ops.qgraph.fake_quant_fmt(
-            x, scale, self.global_scale, axis, spec.block_size or 0, spec.dtype, spec.scale_type
+            x, scale, global_scale, axis, spec.block_size or 0, spec.dtype, spec.scale_type
         )
 
     def extra_repr(self) -> str:
         return self.spec.describe()
+
+
+#: smallest normal float32: the floor of a learned scale
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 class _GradScale(torch.autograd.Function):
@@ -326,11 +347,24 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.g, None
 
 
+def prepare_for_export(gm: torch.nn.Module) -> int:
+    """Bring every QAT quantizer's stored state to what the trained model computes.
+
+    Tracked weight scales are recomputed from the final weights (the last optimizer step came
+    after the last forward) and learned scales are clamped positive, as the forward clamps them.
+    ``lower`` calls this. Returns how many quantizers were updated.
+    """
+    with torch.no_grad():
+        for module in gm.modules():
+            if isinstance(module, FakeQuant) and module.learnable:
+                module.scale.clamp_(min=_TINY)
+    return refresh_weight_scales(gm)
+
+
 def refresh_weight_scales(gm: torch.nn.Module) -> int:
     """Recompute the scales of every weight-tracking quantizer from its current weight.
 
-    Call after training (``lower`` does): the last optimizer step changed the weights after the
-    last forward. Returns how many quantizers were refreshed.
+    Returns how many quantizers were refreshed.
     """
     import torch.fx
 

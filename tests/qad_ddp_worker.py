@@ -3,6 +3,7 @@
 Both ranks build the same student (INT8 PTQ of the zoo MLP, then insert-fake-quant with learned
 activation scales, then insert-distill-taps with the FP32 teacher), wrap it in DDP and train on
 their own batches; each writes its loss history and its student's state (weights and scales).
+Then a QAT graph with observe_steps=2 sees 4x wider data on rank 1: the observed ranges must agree.
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def main(out_dir: Path) -> None:
         losses.append(loss.item())
     state = {k: v for k, v in student.state_dict().items() if not k.startswith("distill_teacher")}
     torch.save(state, out_dir / f"rank{rank}.pt")
+
+    # observed ranges: rank 1 sees 4x wider data; both must widen to it (max-reduced)
+    observed = qgraph.capture(model, (x,))
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib), InsertFakeQuant(observe_steps=2)])(
+        observed
+    )
+    observed.train()
+    wide = DistributedDataParallel(observed)
+    for _ in range(3):
+        wide(batch * (4.0 if rank == 1 else 1.0)).pow(2).mean().backward()
+    torch.save({"fq_x.scale": observed.get_submodule("fq_x").scale}, out_dir / f"observed{rank}.pt")
     (out_dir / f"rank{rank}.json").write_text(json.dumps(losses))
     dist.destroy_process_group()
 

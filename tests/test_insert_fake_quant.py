@@ -66,11 +66,13 @@ def test_negative_needs_calibrated_quantizers_and_learns_float32_scales_only():
     assert result.counts["learnable"] == 0  # NVFP4: dynamic block scales, nothing to learn
     with pytest.raises(PreconditionError, match="observe_steps"):
         InsertFakeQuant(observe_steps=-1)
+    with pytest.raises(PreconditionError, match="exclude each other"):
+        InsertFakeQuant(learn_scales=True, observe_steps=2)
 
 
 def test_verifier_passes():
     gm, _ = _calibrated()
-    InsertFakeQuant(learn_scales=True, observe_steps=2)(gm)
+    InsertFakeQuant(observe_steps=2)(gm)
     qgraph.verify(gm)
 
 
@@ -187,3 +189,71 @@ def test_weight_only_plans_prepare_for_qat():
     result = InsertFakeQuant()(gm)
     assert result.counts["weights"] == 3 and result.counts["activations"] == 0
     assert all(m.track_weight for m in _quantizers(gm).values())
+
+
+def test_two_forwards_before_one_backward():
+    """Tracked and observed scales change on every call; the op keeps its own copies, so a loss
+    over two calls of the student back-propagates (siamese losses, summed micro-batches)."""
+    gm, data = _calibrated()
+    InsertFakeQuant(observe_steps=5)(gm)
+    gm.train()
+    loss = gm(data[0]).pow(2).mean() + gm(3 * data[0]).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
+
+
+def test_lowering_a_graph_left_in_train_mode_exports_the_inference_graph():
+    gm, data = _calibrated()
+    InsertFakeQuant(observe_steps=3)(gm)
+    gm.train()  # observation still pending
+    onnx_bytes = tensorrt.lower(gm, (data[1] * 50,))
+    proto = onnx.load_from_string(onnx_bytes)
+    assert not {"ReduceMax", "Max", "Where"} & {n.op_type for n in proto.graph.node}
+    assert gm.training and tensorrt.inspect_model(proto).violations == []
+    gm.eval()
+    # within the INT8 tolerance of test_lowering (onnxruntime fuses INT8 Q/DQ into integer kernels)
+    assert check_parity(gm, onnx_bytes, (data[1],)).max_relative <= 0.01
+
+
+def test_learned_scales_stay_positive_and_export_positive():
+    gm, data = _calibrated()
+    InsertFakeQuant(learn_scales=True)(gm)
+    act = _quantizers(gm)["fq_x"]
+    with torch.no_grad():
+        act.scale.fill_(-0.03)  # an optimizer overshot
+    gm.train()
+    assert torch.isfinite(gm(data[0])).all()
+    gm.eval()
+    proto = onnx.load_from_string(tensorrt.lower(gm, (data[1],)))
+    assert act.scale.item() > 0 and tensorrt.inspect_model(proto).violations == []
+
+
+@pytest.mark.parametrize(
+    "elem, axis, block", [("int8", 0, 0), ("fp8_e4m3", 1, 0), ("int4", 1, 16), ("fp8_e4m3", 0, 8)]
+)
+def test_lsq_gradient_matches_a_pure_torch_ste_reference(elem, axis, block):
+    """d/dx and d/dscale of qgraph::fake_quant_fmt equal autograd through a pure-torch LSQ/STE
+    formulation (round and saturation passed straight through), per channel and per block."""
+    from qgraph import qops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 32, generator=g) * 3
+    scale0 = qops.absmax_scale(x, elem, axis, block) * 0.6  # some values saturate
+    one = torch.ones(())
+
+    s = scale0.clone().requires_grad_(True)
+    xa = x.clone().requires_grad_(True)
+    torch.ops.qgraph.fake_quant_fmt(xa, s, one, axis, block, elem).pow(2).sum().backward()
+
+    s_ref = scale0.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    full = qops.expand(s_ref, xb, axis, block)
+    v = xb / full
+    r = qops.round_to(v.detach(), elem)
+    e = qgraph.formats.element(elem)
+    lo, hi = (e.qmin - 0.5, e.qmax + 0.5) if e.kind == "int" else (e.qmin, e.qmax)
+    inside = ((v >= lo) & (v <= hi)).float()
+    v_ste = v * inside + (r - v * inside).detach()  # value r; gradient dv inside, 0 outside
+    (v_ste * full).pow(2).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-5)

@@ -29,3 +29,7 @@ def test_two_rank_qad_stays_in_sync(tmp_path):
     for history in losses:
         assert sum(history[-5:]) < 0.7 * sum(history[:5]), history
     assert losses[0] != losses[1]  # the ranks did see different data
+    observed = [torch.load(tmp_path / f"observed{r}.pt")["fq_x.scale"] for r in (0, 1)]
+    assert torch.equal(observed[0], observed[1])
+    wide = torch.randn(32, 64, generator=torch.Generator().manual_seed(101)) * 2.0 * 4.0
+    assert float(observed[0]) >= float(wide.abs().max()) / 127 * (1 - 1e-6)  # rank 1's range
