@@ -149,13 +149,17 @@ def _backward(ctx, grad):  # noqa: ANN001
     x, scale, zero_point = ctx.saved_tensors
     s = _broadcast(scale, x, ctx.axis).to(torch.float32)
     z = _broadcast(zero_point, x, ctx.axis).to(torch.float32)
-    v = x.to(torch.float32) / s
-    inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
-    grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
-    grad_s = None
-    if ctx.needs_input_grad[1]:
+    grad_x = grad_s = None
+    if ctx.needs_input_grad[1]:  # LSQ needs v = x / s anyway
+        v = x.to(torch.float32) / s
+        inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
         q = torch.clamp(torch.round(v) + z, ctx.qmin, ctx.qmax)
         grad_s = qops.reduce_to_scale(grad * (q - z - v * inside), scale, ctx.axis, 0)
+    else:
+        # the clipping range in x's units, per channel: two compares instead of a division
+        inside = (x >= (ctx.qmin - 0.5 - z) * s) & (x <= (ctx.qmax + 0.5 - z) * s)
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad * inside).to(grad.dtype)
     return grad_x, grad_s, None, None, None, None
 
 
