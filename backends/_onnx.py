@@ -178,14 +178,10 @@ def _fold_weight_quantize(model: ir.Model) -> None:
         zp = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
         if x is None or scale is None or zp is None or x.dtype != np.float32:
             continue
-        elem = next(e for e in formats.ELEMENTS.values() if np.dtype(e.np_dtype) == zp.dtype)
+        elem = formats.element_of(zp)
         axis, block = _axis_block(node, scale)
         codes = formats.quantize(x, scale, elem, zp if elem.kind == "int" else None, axis, block)
-        name = _free_name(graph, f"{node.inputs[0].name}_quantized")
-        init = ir.Value(name=name, const_value=ir.tensor(codes, name=name))
-        init.shape = ir.Shape(codes.shape)
-        init.type = ir.TensorType(ir.DataType.from_numpy(codes.dtype))
-        graph.register_initializer(init)
+        init = _add_initializer(graph, f"{node.inputs[0].name}_quantized", codes)
         node.outputs[0].replace_all_uses_with(init)
         graph.remove(node, safe=True)
 
@@ -200,12 +196,7 @@ def _mx_scales_as_e8m0_bits(model: ir.Model) -> None:
         if scale is None or scale.dtype != np.float32:
             continue
         bits = scale.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
-        name = _free_name(graph, f"{node.inputs[1].name}_e8m0")
-        init = ir.Value(name=name, const_value=ir.tensor(bits, name=name))
-        init.shape = ir.Shape(bits.shape)
-        init.type = ir.TensorType(ir.DataType.UINT8)
-        graph.register_initializer(init)
-        node.replace_input_with(1, init)
+        node.replace_input_with(1, _add_initializer(graph, f"{node.inputs[1].name}_e8m0", bits))
 
 
 def _type_trt_outputs(model: ir.Model) -> None:
@@ -222,6 +213,16 @@ def _type_trt_outputs(model: ir.Model) -> None:
             node.outputs[0].shape = node.inputs[0].shape
 
 
+def _add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` (made unique)."""
+    name = _free_name(graph, base)
+    init = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    init.shape = ir.Shape(array.shape)
+    init.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(init)
+    return init
+
+
 def _free_name(graph: ir.Graph, base: str) -> str:
     """An initializer name not yet used (one weight may be quantized on two axes)."""
     name, i = base, 0
@@ -236,13 +237,7 @@ def _transposed_const(graph: ir.Graph, value: ir.Value, perm: list[int]) -> ir.V
     array = const_array(value)
     if array is None:
         return None
-    array_t = np.ascontiguousarray(array.transpose(perm))
-    name = _free_name(graph, f"{value.name}_t")
-    init = ir.Value(name=name, const_value=ir.tensor(array_t, name=name))
-    init.shape = ir.Shape(array_t.shape)
-    init.type = ir.TensorType(ir.DataType.from_numpy(array_t.dtype))
-    graph.register_initializer(init)
-    return init
+    return _add_initializer(graph, f"{value.name}_t", np.ascontiguousarray(array.transpose(perm)))
 
 
 def _transpose_block_scale(graph: ir.Graph, scale: ir.Value, perm: list[int]) -> ir.Value | None:
@@ -264,12 +259,6 @@ def _transpose_block_scale(graph: ir.Graph, scale: ir.Value, perm: list[int]) ->
     return scale
 
 
-def _element_kind(codes: np.ndarray) -> str:
-    """``int`` or ``float``: the kind of qgraph element a code array holds."""
-    kinds = {np.dtype(e.np_dtype): e.kind for e in formats.ELEMENTS.values()}
-    return kinds.get(codes.dtype, "float")
-
-
 def _fold_weight_transpose(model: ir.Model) -> None:
     """Transpose(DequantizeLinear(codes)) of a weight → DequantizeLinear of transposed codes."""
     graph = model.graph
@@ -280,7 +269,7 @@ def _fold_weight_transpose(model: ir.Model) -> None:
         user = next(iter(node.outputs[0].uses())).node
         if codes is None or user.op_type != "Transpose" or len(node.inputs[0].uses()) != 1:
             continue
-        if node.attributes.get("block_size") is not None and _element_kind(codes) == "float":
+        if node.attributes.get("block_size") is not None and getattr(formats.element_of(codes), "kind", "float") == "float":
             continue  # NVFP4/MX weights keep ModelOpt's (N, K) layout and the Transpose
         perm_attr = user.attributes.get("perm")
         perm = list(perm_attr.as_ints()) if perm_attr is not None else list(range(codes.ndim))[::-1]

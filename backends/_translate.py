@@ -191,8 +191,7 @@ def _dynamic_reference(x, global_scale, block_size: int, element: str, scale_typ
 
 
 def _int_fake_quant(x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ANN001, ANN202
-    from onnxscript import opset20 as op
-
+    op = op20
     if len(scale.shape) == 0:
         q = op.QuantizeLinear(x, scale, zero_point)
         return op.DequantizeLinear(q, scale, zero_point)

@@ -35,3 +35,15 @@ def insert_module_after(
             node = gm.graph.call_module(name, (src,))
     node.meta["val"] = src.meta.get("val")
     return node
+
+
+def is_quantizer(gm: torch.fx.GraphModule, node: object) -> bool:
+    """True for a call_module node of an Observer or FakeQuant (a quantizer already on the edge)."""
+    from qgraph.observers import Observer
+    from qgraph.quant import FakeQuant
+
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_module"
+        and isinstance(gm.get_submodule(node.target), (Observer, FakeQuant))
+    )

@@ -15,7 +15,7 @@ from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
 from qgraph.calibrators import CALIBRATORS
 from qgraph.observers import Observer
-from qgraph.passes._util import FLOAT_META, QUANT_META, insert_module_after
+from qgraph.passes._util import FLOAT_META, QUANT_META, insert_module_after, is_quantizer
 from qgraph.graph import op_kind, unique_attr_name
 
 __all__ = ["InsertObservers"]
@@ -73,7 +73,7 @@ class InsertObservers(Pass):
         for node in list(graph.graph.nodes):
             for index, spec in (node.meta.get(QUANT_META) or {}).items():
                 src = node.args[index]
-                if not spec.needs_calibration or _is_quantizer(graph, src):
+                if not spec.needs_calibration or is_quantizer(graph, src):
                     continue
                 if self.calibrator in _INT8_GRID_CALIBRATORS and not spec.is_int8:
                     raise PreconditionError(
@@ -96,11 +96,3 @@ class InsertObservers(Pass):
         if inserted:
             graph.recompile()
         return PassResult(graph, inserted > 0, {"observers": inserted})
-
-
-def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    from qgraph.quant import FakeQuant
-
-    return node.op == "call_module" and isinstance(
-        gm.get_submodule(node.target), (Observer, FakeQuant)
-    )

@@ -18,7 +18,7 @@ from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, unique_attr_name
 from qgraph.observers import Observer
-from qgraph.passes._util import QUANT_META, insert_module_after
+from qgraph.passes._util import QUANT_META, insert_module_after, is_quantizer
 from qgraph.quant import FakeQuant, QSpec
 
 __all__ = ["InsertQDQ"]
@@ -71,7 +71,7 @@ class InsertQDQ(Pass):
                 src = node.args[index]
                 if spec.role == "weight" and is_constant(src):
                     quantizer, base = (lambda: FakeQuant.for_weight(spec, constant_value(gm, src))), src.target
-                elif spec.role == "activation" and not spec.needs_calibration and not _is_quantizer(gm, src):
+                elif spec.role == "activation" and not spec.needs_calibration and not is_quantizer(gm, src):
                     quantizer, base = (lambda: FakeQuant.for_activation(spec, 0.0)), src.name
                     dynamic += (src, spec) not in made
                 else:
@@ -82,12 +82,3 @@ class InsertQDQ(Pass):
                     made[key] = insert_module_after(gm, src, name, quantizer())
                 node.update_arg(index, made[key])
         return len(made) - dynamic, dynamic
-
-
-def _is_quantizer(gm: torch.fx.GraphModule, node: object) -> bool:
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_module"
-        and isinstance(gm.get_submodule(node.target), (Observer, FakeQuant))
-    )
-

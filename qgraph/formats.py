@@ -59,6 +59,7 @@ __all__ = [
     "Element",
     "ELEMENTS",
     "element",
+    "element_of",
     "expand_scale",
     "quantize",
     "dequantize",
@@ -130,6 +131,14 @@ def element(name: str) -> Element:
         return ELEMENTS[name]
     except KeyError:
         raise ValueError(f"unknown element type {name!r} (known: {', '.join(ELEMENTS)})") from None
+
+
+def element_of(codes: np.ndarray) -> Element | None:
+    """The element type whose numpy type ``codes`` has (None for float32 and other types)."""
+    return _BY_DTYPE.get(np.asarray(codes).dtype)
+
+
+_BY_DTYPE = {np.dtype(e.np_dtype): e for e in ELEMENTS.values()}
 
 
 def expand_scale(

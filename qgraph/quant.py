@@ -17,6 +17,7 @@ from torch import Tensor
 
 from qgraph import formats
 from qgraph._errors import QGraphError
+from qgraph.graph import get_attr
 from qgraph import qops  # also registers qgraph::fake_quant_fmt / fake_quant_dynamic
 
 __all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "prepare_for_export", "refresh_weight_scales", "QSpec", "FakeQuant", "fake_quant", "int8_act", "int8_weight"]
@@ -380,17 +381,10 @@ def refresh_weight_scales(gm: torch.nn.Module) -> int:
         module = gm.get_submodule(node.target)
         src = node.args[0]
         if isinstance(module, FakeQuant) and module.track_weight and getattr(src, "op", "") == "get_attr":
-            module.refresh(gm.get_parameter(src.target) if _is_param(gm, src.target) else gm.get_buffer(src.target))
+            module.refresh(get_attr(gm, src.target))
             refreshed += 1
     return refreshed
 
-
-def _is_param(gm: torch.nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def symmetric_scale(amax: Tensor, spec: QSpec) -> Tensor:
