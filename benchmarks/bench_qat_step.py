@@ -6,10 +6,14 @@ calibrate → insert-fake-quant``: weights track their scales, activation scales
 train with the same optimizer (AdamW) on the same batch; one *step* is zero_grad + forward + loss +
 backward + optimizer step. After ``--warmup`` untimed steps, ``--steps`` steps are timed one by one
 with ``time.perf_counter``; the median is reported, and the QAT/FP32 ratio of the medians.
+Each QAT graph is timed twice: with the eager quantizer kernels (the default) and with
+``qgraph.qops.use_compiled_kernels()`` (each quantizer's forward and backward fused by
+``torch.compile``; the first warm-up step compiles, and its time is reported apart).
 
 Models: the zoo transformer block (dim 32, seq 8; tiny, so per-op overheads dominate), the zoo
 ResCNN, and — when ``benchmarks/tinylm.py`` is importable — the byte-level TinyLM (about 3M
-parameters, batch 16 × 128 bytes), the model of the QAD study. ``torch.set_num_threads(1)``.
+parameters, batch 16 × 128 bytes), the model of the QAD study, and a twice-as-wide TinyLM (2
+blocks of width 512) to show how the ratio moves with the width. ``torch.set_num_threads(1)``.
 
 Usage::
 
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 import qgraph
-from qgraph import Sequential
+from qgraph import Sequential, qops
 from qgraph.backends import tensorrt
 from qgraph.examples.zoo import make
 from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertFakeQuant, InsertObservers
@@ -50,11 +54,14 @@ def _models():
         sys.path.insert(0, str(HERE))
         import tinylm  # noqa: PLC0415 - optional: the study's model
 
-        lm = tinylm.TinyLM()
         tokens = torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0))
         targets = torch.roll(tokens, -1, dims=1)
         loss = lambda y: torch.nn.functional.cross_entropy(y.reshape(-1, 256), targets.reshape(-1))  # noqa: E731
-        out.append(("tinylm", lm, tokens, loss))
+        out.append(("tinylm", tinylm.TinyLM(), tokens, loss))
+        # the same architecture twice as wide (2 blocks, d 512, MLP 2048): GEMM work grows with
+        # the width squared, quantizer work with the width
+        wide = tinylm.TinyLM(n_layer=2, d_model=512, n_head=8, d_ff=2048)
+        out.append(("tinylm d512", wide, tokens, loss))
     except Exception as exc:  # the optional model is missing or does not build
         print(f"tinylm skipped: {type(exc).__name__}: {exc}")
     return out
@@ -110,11 +117,20 @@ def main() -> None:
                 rows.append((name, recipe, float("nan"), float("nan")))
                 print(f"{name} {recipe}: {exc}")
                 continue
-            times = _time_steps(qat, batch, loss_fn, args.warmup, args.steps)
-            raw[f"{name}/{recipe}"] = times
-            ms = 1e3 * statistics.median(times)
-            rows.append((name, recipe, ms, ms / base_ms))
-            print(f"{name} {recipe}: {ms:.1f} ms ({ms / base_ms:.2f}x fp32)", flush=True)
+            for kernels in ("eager", "compiled"):
+                previous = qops.use_compiled_kernels(kernels == "compiled")
+                try:
+                    start = time.perf_counter()
+                    _time_steps(qat, batch, loss_fn, 1, 0)  # compiles, when compiled
+                    first = time.perf_counter() - start
+                    times = _time_steps(qat, batch, loss_fn, args.warmup, args.steps)
+                finally:
+                    qops.use_compiled_kernels(previous)
+                raw[f"{name}/{recipe}/{kernels}"] = {"first_step": first, "steps": times}
+                ms = 1e3 * statistics.median(times)
+                rows.append((name, f"{recipe} ({kernels} kernels)", ms, ms / base_ms))
+                print(f"{name} {recipe} {kernels}: {ms:.1f} ms ({ms / base_ms:.2f}x fp32), first step {first:.1f} s",
+                      flush=True)
     print("\n| model | graph | step ms (median) | × FP32 |\n|---|---|---|---|")
     for name, graph, ms, ratio in rows:
         print(f"| {name} | {graph} | {ms:.1f} | {ratio:.2f} |")

@@ -19,9 +19,20 @@ was inside the representable range and gives 0 where it saturated (and an LSQ gr
 scale that requires one); ``fake_quant_dynamic`` passes it for every finite value, including the
 rare MX values that saturate at the top of a block under the OCP exponent rule. Both compute in
 float32 whatever the input type.
+
+Compiled kernels: every quantizer is a chain of elementwise torch ops, and on a CPU each op is a
+pass over memory plus an allocation. :func:`use_compiled_kernels` (or ``QGRAPH_COMPILED_KERNELS=1``)
+runs the forward and straight-through backward bodies through ``torch.compile`` (inductor), which
+fuses each into one loop: 3–9× faster per quantizer, bit-identical results (tested), a few
+seconds of compilation the first time each kernel is used (cached on disk by inductor). Off by
+default: it needs a C++ compiler on CPU, and inference/export do not need the speed.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
 
 import torch
 from torch import Tensor
@@ -42,12 +53,71 @@ __all__ = [
     "quantize_codes",
     "dequantize",
     "reduce_to_scale",
+    "use_compiled_kernels",
     "SCALE_TYPES",
 ]
 
 #: Block-scale types of dynamic quantizers: NVFP4's E4M3 scale and MX's E8M0 power of two.
 SCALE_TYPES = ("fp8_e4m3", "e8m0")
 _TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+_compiled_kernels = os.environ.get("QGRAPH_COMPILED_KERNELS", "") == "1"
+_COMPILED: dict = {}
+
+
+def use_compiled_kernels(enabled: bool = True) -> bool:
+    """Run the fake-quant kernels through ``torch.compile`` (fused loops) from now on, or stop.
+
+    For QAT/QAD training speed; the results are bit-identical to the eager kernels. Returns the
+    previous setting. Example::
+
+        qgraph.qops.use_compiled_kernels()
+        for batch in loader: ...  # each quantizer's forward and backward is one fused loop
+    """
+    global _compiled_kernels
+    previous, _compiled_kernels = _compiled_kernels, bool(enabled)
+    return previous
+
+
+#: Below this many values a compiled kernel's call overhead (guards, ~60 µs) outweighs the fusion.
+COMPILED_MIN_NUMEL = 1 << 16
+
+
+def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled twin
+    """``fn`` itself, or its ``torch.compile``'d version while compiled kernels are on and the
+    tensor has at least :data:`COMPILED_MIN_NUMEL` values.
+
+    Callers hand a kernel one layout per format (:func:`axis_view`, blocks as (rows, blocks,
+    size)), so each compiles a handful of times, not once per tensor shape and stride.
+    """
+    if not _compiled_kernels or numel < COMPILED_MIN_NUMEL:
+        return fn
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        # not fullgraph: past dynamo's recompile limit a new layout runs eagerly instead of failing
+        inner = torch.compile(fn, dynamic=True)
+
+        @functools.wraps(fn)
+        def compiled(*args):  # noqa: ANN002, ANN202
+            # detached: no requires_grad or view-of-a-base guards (each would be a recompile);
+            # the op computes values, its gradient is the op's own backward
+            args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            with torch.no_grad():
+                return inner(*args)
+
+        _COMPILED[fn] = compiled
+    return compiled
+
+
+def axis_view(x: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """``x`` as (before, channels, after) and ``scale`` as (1, channels, 1); a per-tensor (0-d)
+    scale gives (1, 1, n) and (1, 1, 1). Views of contiguous tensors, so free in eager mode."""
+    if scale.dim() == 0:
+        return x.reshape(1, 1, x.numel()), scale.reshape(1, 1, 1)
+    axis = axis % x.dim()
+    shape = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :]))
+    return x.reshape(shape), scale.reshape(1, -1, 1)
 
 
 def _round_e2m1_(y: Tensor) -> Tensor:
@@ -58,7 +128,10 @@ def _round_e2m1_(y: Tensor) -> Tensor:
     ``1 / step`` is 2 ** ((a < 2) + (a < 4) - 1). Returns a new tensor; ``y`` is left as it is.
     """
     a = y.abs().clamp_(max=6.0)
-    inv_step = (a < 2.0).to(a.dtype).add_((a < 4.0).to(a.dtype)).exp2_().mul_(0.5)
+    if torch.compiler.is_compiling():  # fused: selects beat exp2 (2x); eagerly the reverse (1.4x)
+        inv_step = torch.where(a < 2.0, 2.0, torch.where(a < 4.0, 1.0, 0.5))
+    else:
+        inv_step = (a < 2.0).to(a.dtype).add_((a < 4.0).to(a.dtype)).exp2_().mul_(0.5)
     return a.mul_(inv_step).round_().div_(inv_step).copysign_(y)
 
 
@@ -235,18 +308,21 @@ def fake_quant_fmt(
     cast back to ``x``'s type.
     """
     elem = fmt.element(element)
-    xf = x.to(torch.float32)
     s = (scale * global_scale).to(torch.float32)
     if block_size and axis % x.dim() == x.dim() - 1 and x.shape[-1] % block_size == 0:
-        # whole blocks on the last axis: a view, no scale broadcast to x's size
-        s = s.unsqueeze(-1)
-        blocks = xf.reshape(*x.shape[:-1], -1, block_size)
-        out = _round_(blocks / s, elem).mul_(s).reshape(x.shape)
+        # whole blocks on the last axis: (rows, blocks, block_size), no scale broadcast to x's size
+        blocks = x.reshape(-1, x.shape[-1] // block_size, block_size)
+        out = kernel(_fmt_forward, x.numel())(blocks, s.reshape(blocks.shape[0], -1, 1), elem)
+    elif block_size:  # blocks on another axis or a partial tail block: weights, small
+        out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
-        s = expand(s, xf, axis, block_size)
-        # one temporary, rounded in place: allocation, not arithmetic, is what costs on CPU
-        out = _round_(xf / s, elem).mul_(s)
-    return out.to(x.dtype)
+        out = kernel(_fmt_forward, x.numel())(*axis_view(x, s, axis), elem)
+    return out.reshape(x.shape)
+
+
+def _fmt_forward(x: Tensor, s: Tensor, elem: Element) -> Tensor:
+    # one temporary, rounded in place: allocation, not arithmetic, is what costs on CPU
+    return _round_(x.to(torch.float32) / s, elem).mul_(s).to(x.dtype)
 
 
 @fake_quant_fmt.register_fake
@@ -265,10 +341,13 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
     ``(R(v) - v) * global_scale`` inside the range, ``R(v) * global_scale`` outside."""
     x, scale, global_scale = ctx.saved_tensors
     elem = fmt.element(ctx.element)
-    xf = x.to(torch.float32)
-    s = expand((scale * global_scale).to(torch.float32), xf, ctx.axis, ctx.block_size)
-    v = xf / s
     lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
+    s = (scale * global_scale).to(torch.float32)
+    if not ctx.needs_input_grad[1] and not ctx.block_size:  # plain STE: one fused loop if compiled
+        x3, s3 = axis_view(x, s, ctx.axis)
+        return (kernel(_fmt_ste, x.numel())(grad.reshape(x3.shape), x3, s3, lo, hi).reshape(x.shape),) + (None,) * 6
+    s = expand(s, x, ctx.axis, ctx.block_size)
+    v = x.to(torch.float32) / s
     inside = (v >= lo) & (v <= hi)
     grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     grad_s = None
@@ -279,6 +358,12 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
 
 
 fake_quant_fmt.register_autograd(_ste_backward, setup_context=_fmt_setup)
+
+
+def _fmt_ste(grad: Tensor, x: Tensor, s: Tensor, lo: float, hi: float) -> Tensor:
+    """``grad`` where ``lo <= x / s <= hi``, 0 elsewhere."""
+    v = x.to(torch.float32) / s
+    return (grad * ((v >= lo) & (v <= hi))).to(grad.dtype)
 
 
 def dynamic_scales(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
@@ -298,7 +383,12 @@ def fake_quant_dynamic(
     ``scale_type`` ``fp8_e4m3`` is NVFP4 (the block scale is an E4M3 multiple of the calibrated
     ``global_scale``); ``e8m0`` is MX (``global_scale`` is ignored).
     """
-    elem = fmt.element(element)
+    rows = x.reshape(-1, x.shape[-1])
+    out = kernel(_dynamic_forward, x.numel())(rows, global_scale, block_size, fmt.element(element), scale_type)
+    return out.reshape(x.shape)
+
+
+def _dynamic_forward(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
     n = x.shape[-1]
     s = dynamic_scales(x, global_scale, block_size, elem, scale_type)
     xb = _blocks(x.to(torch.float32), -1, block_size)
@@ -312,9 +402,16 @@ def _(x, global_scale, block_size, element, scale_type):  # noqa: ANN001
 
 
 def _dynamic_setup(ctx, inputs, output):  # noqa: ANN001
-    ctx.save_for_backward(torch.isfinite(inputs[0]))
+    ctx.save_for_backward(inputs[0])  # x itself: a mask would cost an extra pass over x here
 
 
-fake_quant_dynamic.register_autograd(
-    lambda ctx, grad: (grad * ctx.saved_tensors[0],) + (None,) * 4, setup_context=_dynamic_setup
-)
+def _finite_ste(grad: Tensor, x: Tensor) -> Tensor:
+    return grad * torch.isfinite(x)
+
+
+def _dynamic_backward(ctx, grad):  # noqa: ANN001
+    (x,) = ctx.saved_tensors
+    return (kernel(_finite_ste, x.numel())(grad.reshape(-1), x.reshape(-1)).reshape(x.shape),) + (None,) * 4
+
+
+fake_quant_dynamic.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)

@@ -123,13 +123,25 @@ def fake_quant(
 
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
-    s = _broadcast(scale, x, axis).to(torch.float32)
-    # float32 whatever x is (the ONNX codes); one temporary updated in place (allocation dominates)
-    q = (x.to(torch.float32) / s).round_()
+    x3, s3 = qops.axis_view(x, scale.to(torch.float32), axis)
     if bool(zero_point.any()):
-        z = _broadcast(zero_point, x, axis).to(torch.float32)
-        return q.add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).to(x.dtype)
-    return q.clamp_(qmin, qmax).mul_(s).to(x.dtype)
+        _, z3 = qops.axis_view(x, zero_point.to(torch.float32), axis)
+        return qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax).reshape(x.shape)
+    return qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax).reshape(x.shape)
+
+
+def _symmetric_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> Tensor:
+    # float32 whatever x is (the ONNX codes); one temporary updated in place (allocation dominates)
+    return (x.to(torch.float32) / s).round_().clamp_(qmin, qmax).mul_(s).to(x.dtype)
+
+
+def _affine_forward(x: Tensor, s: Tensor, z: Tensor, qmin: int, qmax: int) -> Tensor:
+    return (x.to(torch.float32) / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).to(x.dtype)
+
+
+def _inside(grad: Tensor, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``grad`` where ``lo <= x <= hi`` (the clipping range in x's units), 0 elsewhere."""
+    return (grad * ((x >= lo) & (x <= hi))).to(grad.dtype)
 
 
 @fake_quant.register_fake
@@ -156,11 +168,13 @@ def _backward(ctx, grad):  # noqa: ANN001
         inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
         q = torch.clamp(torch.round(v) + z, ctx.qmin, ctx.qmax)
         grad_s = qops.reduce_to_scale(grad * (q - z - v * inside), scale, ctx.axis, 0)
-    else:
+        grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    elif ctx.needs_input_grad[0]:
         # the clipping range in x's units, per channel: two compares instead of a division
-        inside = (x >= (ctx.qmin - 0.5 - z) * s) & (x <= (ctx.qmax + 0.5 - z) * s)
-    if ctx.needs_input_grad[0]:
-        grad_x = (grad * inside).to(grad.dtype)
+        x3, s3 = qops.axis_view(x, scale.to(torch.float32), ctx.axis)
+        _, z3 = qops.axis_view(x, zero_point.to(torch.float32), ctx.axis)
+        lo, hi = (ctx.qmin - 0.5 - z3) * s3, (ctx.qmax + 0.5 - z3) * s3
+        grad_x = qops.kernel(_inside, x.numel())(grad.reshape(x3.shape), x3, lo, hi).reshape(x.shape)
     return grad_x, grad_s, None, None, None, None
 
 

@@ -1,0 +1,128 @@
+"""Compiled quantizer kernels (``qgraph.qops.use_compiled_kernels``): the torch.compile'd forward
+and straight-through backward of every fake-quant op give bit-identical values and gradients to
+the eager kernels, special values included (ties, saturation, ±inf, NaN, subnormals, -0)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qgraph import formats as fmt
+from qgraph import qops
+from qgraph.quant import FakeQuant, QSpec
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="inductor's CPU backend needs a C++ compiler",
+)
+
+N = qops.COMPILED_MIN_NUMEL  # large enough to take the compiled path
+
+
+@pytest.fixture
+def compiled():
+    previous = qops.use_compiled_kernels(True)
+    yield
+    qops.use_compiled_kernels(previous)
+
+
+def _data(shape, scale: float, seed: int = 0) -> torch.Tensor:
+    """Random values over several binades, with the special values written into the first ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-12, 6, shape, generator=g).float())
+    special = torch.tensor(
+        [0.5, 1.5, 2.5, -0.5, -2.5, 127.5, -128.5, 1e9, -1e9, 5.5, 0.25, 0.75, 3.5, 1e-30, 0.0, -0.0]
+    ) * scale
+    flat = x.view(-1)
+    flat[: special.numel()] = special
+    flat[16:19] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (so -0 differs from 0), NaN equal to NaN whatever its payload or sign."""
+    a, b = a.detach().float().contiguous(), b.detach().float().contiguous()
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
+
+
+def _run(fq: FakeQuant, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    y = fq(x)
+    g = torch.Generator().manual_seed(1)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    return y.detach(), x.grad
+
+
+def _weight_spec(dtype: str, **kw) -> QSpec:
+    return QSpec(dtype, "weight", kw.pop("axis", 0), **kw)
+
+
+CASES = {
+    "int8 per tensor": lambda: FakeQuant.for_activation(QSpec("int8", "activation", None), torch.tensor(4.0)),
+    "int8 per channel": lambda: FakeQuant.for_weight(_weight_spec("int8"), _data((256, 256), 1.0, 3)),
+    "uint8 affine": lambda: FakeQuant(
+        QSpec("uint8", "activation", None, symmetric=False), torch.tensor(0.02), torch.tensor(100, dtype=torch.uint8)
+    ),
+    "fp8 per tensor": lambda: FakeQuant.for_activation(QSpec("fp8_e4m3", "activation", None), torch.tensor(4.0)),
+    "int4 blocks": lambda: FakeQuant.for_weight(_weight_spec("int4", axis=1, block_size=128), _data((512, 256), 1.0, 4)),
+    "nvfp4 weight": lambda: FakeQuant.for_weight(
+        _weight_spec("fp4_e2m1", axis=1, block_size=16, scale_type="fp8_e4m3"), _data((256, 256), 1.0, 5)
+    ),
+    "nvfp4 activation": lambda: FakeQuant.for_activation(
+        QSpec("fp4_e2m1", "activation", -1, block_size=16, scale_type="fp8_e4m3", dynamic=True), torch.tensor(4.0)
+    ),
+    "mxfp8 activation": lambda: FakeQuant.for_activation(
+        QSpec("fp8_e4m3", "activation", -1, block_size=32, scale_type="e8m0", dynamic=True), torch.tensor(4.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_kernel_bit_identical_to_eager(case, compiled):
+    fq = CASES[case]()
+    shape = (512, 256) if fq.spec.role == "weight" and fq.scale.dim() and fq.scale.shape[0] == 512 else (256, 256)
+    x = _data(shape, float(fq.scale.reshape(-1)[0]) if fq.scale.numel() else 1.0)
+    assert x.numel() >= N
+    y_compiled, g_compiled = _run(fq, x)
+    qops.use_compiled_kernels(False)
+    y_eager, g_eager = _run(fq, x)
+    assert _same(y_compiled, y_eager), case
+    assert _same(g_compiled, g_eager), case
+    assert (g_eager == 0).any() or fq.spec.dynamic, "the data saturate somewhere: the mask is exercised"
+
+
+def test_compiled_kernel_bf16_and_strided_input(compiled):
+    fq = FakeQuant.for_activation(QSpec("fp8_e4m3", "activation", None), torch.tensor(3.0))
+    x = _data((128, 2, 256), 0.01).transpose(0, 2).to(torch.bfloat16)  # not contiguous
+    y_compiled, g_compiled = _run(fq, x)
+    qops.use_compiled_kernels(False)
+    y_eager, g_eager = _run(fq, x)
+    assert y_compiled.dtype == torch.bfloat16 and y_compiled.shape == x.shape
+    assert _same(y_compiled, y_eager)
+    assert _same(g_compiled, g_eager)
+
+
+def test_small_tensors_stay_eager_and_setting_is_restored():
+    previous = qops.use_compiled_kernels(True)
+    try:
+        assert qops.kernel(qops.round_to, N - 1) is qops.round_to
+        assert qops.kernel(qops.round_to, N) is not qops.round_to
+    finally:
+        assert qops.use_compiled_kernels(previous) is True
+    assert qops.kernel(qops.round_to, N) is qops.round_to
+
+
+def test_codes_match_the_numpy_reference_when_compiled(compiled):
+    """The compiled NVFP4 weight path computes what qgraph.formats computes (the ONNX codes)."""
+    w = _data((256, 256), 1.0, 9)
+    w = torch.nan_to_num(w, nan=0.0, posinf=1.0, neginf=-1.0)
+    spec = _weight_spec("fp4_e2m1", axis=1, block_size=16, scale_type="fp8_e4m3")
+    fq = FakeQuant.for_weight(spec, w)
+    with torch.no_grad():
+        y = fq(w)
+    s = (fq.scale * fq.global_scale).numpy()
+    ref = fmt.dequantize(fmt.quantize(w.numpy(), s, "fp4_e2m1", axis=1, block_size=16), s, axis=1, block_size=16)
+    assert torch.equal(y, torch.from_numpy(ref))
