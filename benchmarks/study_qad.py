@@ -12,17 +12,27 @@ For each model and recipe:
   (the QAD report's recipe).
 
 QAT and QAD use the same batches (same seed), steps, AdamW learning rate with 5 % linear warmup
-and cosine decay, and gradient clipping at 1.0. Metrics: the LM's validation cross-entropy
+and cosine decay, and gradient clipping at 1.0, with the compiled quantizer kernels
+(``qgraph.qops.use_compiled_kernels``; bit-identical to the eager ones, faster). Metrics: the LM's validation cross-entropy
 (nats/byte), perplexity and KL to the teacher on fixed validation windows; the CNN's top-1 on the
 450 held-out images. ``gap closed`` = (metric_PTQ − metric_X) / (metric_PTQ − metric_FP32).
 A control row fine-tunes the FP32 LM with QAT's data and schedule (no quantizers): the teacher
-is trained for only ~10 CPU minutes, so more training alone lowers its cross-entropy.
+is trained for only ~10 CPU minutes, so more training alone lowers its cross-entropy. For NVFP4
+the PTQ KL is split into what the weights and what the activations cost (the other side's
+quantizers removed from the graph).
+
+``--ablation`` runs QAD variants on the LM instead (NVFP4 from one calibrated start): the plain
+recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); QAD of a
+student whose weights or whose activations alone are quantized — which part of the gap
+distillation recovers; and INT4 weight-only (w4a16) with 4× the tokens.
 
 Usage::
 
-    .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,w4a16,int8] [--steps 200] [--lr 3e-4]
+    .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,w4a16,int8] [--steps 400] [--lr 1e-4]
+    .venv/bin/python benchmarks/study_qad.py --ablation
 
-Writes ``benchmarks/results_qad.json`` and prints markdown tables. ``torch.set_num_threads(2)``.
+Writes ``benchmarks/results_qad.json`` (``results_qad_ablation.json``) and prints markdown tables.
+``torch.set_num_threads(2)``.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import qgraph
-from qgraph import Sequential
+from qgraph import FakeQuant, Sequential, qops
 from qgraph.backends import tensorrt
 from qgraph.passes import (
     Annotate,
@@ -115,6 +125,19 @@ def _three_ways(model, example, recipe, calib, batches_fn, task_loss, steps, lr)
     return ptq, qat, qad, {"qat_s": qat_s, "qad_s": qad_s, "qat_loss": qat_hist, "qad_loss": qad_hist}
 
 
+def _without_quantizers(gm: torch.fx.GraphModule, role: str) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with the quantizers of ``role`` ("weight" or "activation") taken out."""
+    gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and (module.spec.role == "weight") == (role == "weight"):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def _gap(ptq: float, x: float, fp32: float) -> float:
     return (ptq - x) / (ptq - fp32) if ptq != fp32 else float("nan")
 
@@ -124,8 +147,9 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
 
     model = tinylm.teacher()
     calib = tinylm.calibration_batches(8, 32)
-    fp32 = tinylm.evaluate(model)
-    rows = [{"model": "tinylm", "recipe": "-", "arm": "FP32", **fp32, "kl": 0.0}]
+    log_t = tinylm.teacher_log_probs(model)
+    fp32 = tinylm.score(model, log_t)
+    rows = [{"model": "tinylm", "recipe": "-", "arm": "FP32", **fp32}]
     print(f"tinylm FP32: ce {fp32['ce']:.4f} nats/byte", flush=True)
     # control: the FP32 model fine-tuned with QAT's data, steps and schedule (no quantization) —
     # how much of QAT's cross-entropy gain is just more training of a not fully trained teacher
@@ -139,9 +163,9 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
         lr,
         "FP32 fine-tune",
     )
-    tuned = tinylm.evaluate(control)
+    tuned = tinylm.score(control, log_t)
     rows.append({"model": "tinylm", "recipe": "-", "arm": "FP32 + fine-tune (control)", **tuned,
-                 "kl": tinylm.kl_to_teacher(control, model), "train_s": time.perf_counter() - t0})
+                 "train_s": time.perf_counter() - t0})
     print(f"tinylm FP32 fine-tuned: ce {tuned['ce']:.4f}", flush=True)
     for recipe in recipes:
         graphs = _three_ways(
@@ -156,16 +180,65 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
         )
         ptq_ce = None
         for arm, gm in zip(("PTQ", "QAT", "QAD"), graphs[:3]):
-            metrics = tinylm.evaluate(gm)
-            kl = tinylm.kl_to_teacher(gm, model)
+            metrics = tinylm.score(gm, log_t)
             ptq_ce = metrics["ce"] if arm == "PTQ" else ptq_ce
-            row = {"model": "tinylm", "recipe": recipe, "arm": arm, **metrics, "kl": kl}
+            row = {"model": "tinylm", "recipe": recipe, "arm": arm, **metrics}
             row["gap_closed"] = _gap(ptq_ce, metrics["ce"], fp32["ce"]) if arm != "PTQ" else 0.0
             row["train_s"] = graphs[3].get(f"{arm.lower()}_s")
             rows.append(row)
-            print(f"tinylm {recipe} {arm}: ce {metrics['ce']:.4f} kl {kl:.4f}", flush=True)
+            print(f"tinylm {recipe} {arm}: ce {metrics['ce']:.4f} kl {metrics['kl']:.4f}", flush=True)
         rows[-1]["loss_history"] = graphs[3]["qad_loss"]
         rows[-2]["loss_history"] = graphs[3]["qat_loss"]
+        if recipe == "nvfp4":  # where PTQ's KL comes from
+            for role in ("activation", "weight"):
+                part = tinylm.score(_without_quantizers(graphs[0], role), log_t)
+                kept = "weights" if role == "activation" else "activations"
+                rows.append({"model": "tinylm", "recipe": recipe, "arm": f"PTQ, {kept} only", **part})
+                print(f"tinylm {recipe} PTQ {kept} only: kl {part['kl']:.4f}", flush=True)
+    return rows
+
+
+def ablation(steps: int, lr: float) -> list[dict]:
+    """QAD variants on the LM, each from its recipe's calibrated start (see the module docstring)."""
+    import tinylm
+
+    model = tinylm.teacher()
+    calib = tinylm.calibration_batches(8, 32)
+    log_t = tinylm.teacher_log_probs(model)
+    teacher = qgraph.capture(model, (calib[0][:4],))
+    taps = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
+    variants = [  # (recipe, label, quantizers removed, taps, batch)
+        ("nvfp4", "QAD", None, {}, 16),
+        ("nvfp4", "QAD + MSE taps on the block outputs", None, taps, 16),
+        ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64),
+        ("nvfp4", "QAD, weights only quantized", "activation", {}, 16),
+        ("nvfp4", "QAD, activations only quantized", "weight", {}, 16),
+        ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64),
+    ]
+    starts, rows = {}, []
+    for recipe, label, removed, taps_, batch in variants:
+        if recipe not in starts:
+            starts[recipe] = _calibrated(model, calib[0][:4], recipe, calib)
+        base = starts[recipe]
+        ptq = copy.deepcopy(base)
+        InsertQDQ()(ptq)
+        before = tinylm.score(ptq if removed is None else _without_quantizers(ptq, removed), log_t)
+        student = copy.deepcopy(base)
+        InsertFakeQuant()(student)
+        if removed is not None:
+            student = _without_quantizers(student, removed)
+        InsertDistillTaps(teacher, taps=taps_, temperature=1.0)(student)
+        t0 = time.perf_counter()
+        history = _finetune(student, tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
+                            lambda out, y: out[1], steps, lr, f"{recipe} {label}")
+        after = tinylm.score(student, log_t)
+        closed = (before["kl"] - after["kl"]) / before["kl"]
+        rows.append({"recipe": recipe, "variant": label, "steps": steps, "batch": batch, "lr": lr,
+                     "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
+                     "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
+                     "loss_history": history})
+        print(f"{recipe} {label}: KL {before['kl']:.4f} -> {after['kl']:.4f} ({100 * closed:.0f} %), "
+              f"ce {before['ce']:.4f} -> {after['ce']:.4f}", flush=True)
     return rows
 
 
@@ -214,33 +287,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="lm,cnn")
     parser.add_argument("--recipes", default="nvfp4,w4a16,int8")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--out", default=str(HERE / "results_qad.json"))
+    parser.add_argument("--ablation", action="store_true", help="NVFP4 QAD variants on the LM")
+    parser.add_argument("--eager-kernels", action="store_true", help="do not compile the quantizer kernels")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    out = Path(args.out or HERE / ("results_qad_ablation.json" if args.ablation else "results_qad.json"))
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    qops.use_compiled_kernels(not args.eager_kernels)
     start = time.perf_counter()
-    recipes = args.recipes.split(",")
-    rows = []
-    if "lm" in args.models:
-        rows += study_lm(recipes, args.steps, args.lr, args.batch)
-    if "cnn" in args.models:
-        rows += study_cnn([r for r in recipes if r != "w4a16"], args.steps, args.lr, 32)
-    print("\n| model | recipe | arm | CE nats/byte | KL to teacher | top-1 | gap closed |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        ce = f"{r['ce']:.4f}" if "ce" in r else ""
-        kl = f"{r['kl']:.4f}" if "kl" in r else ""
-        top1 = f"{r['top1']:.2f}%" if "top1" in r else ""
-        gap = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") not in (None, 0.0) else ""
-        print(f"| {r['model']} | {r['recipe']} | {r['arm']} | {ce} | {kl} | {top1} | {gap} |")
+    if args.ablation:
+        rows = ablation(args.steps, args.lr)
+        print("\n| recipe | variant | KL before | KL after | KL gap closed | val CE before → after |\n|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['recipe']} | {r['variant']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} "
+                  f"| {100 * r['kl_closed']:.0f} % | {r['ce_before']:.4f} → {r['ce_after']:.4f} |")
+    else:
+        recipes = args.recipes.split(",")
+        rows = []
+        if "lm" in args.models:
+            rows += study_lm(recipes, args.steps, args.lr, args.batch)
+        if "cnn" in args.models:
+            rows += study_cnn([r for r in recipes if r != "w4a16"], args.steps, args.lr, 32)
+        print("\n| model | recipe | arm | CE nats/byte | KL to teacher | top-1 | gap closed |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            ce = f"{r['ce']:.4f}" if "ce" in r else ""
+            kl = f"{r['kl']:.4f}" if "kl" in r else ""
+            top1 = f"{r['top1']:.2f}%" if "top1" in r else ""
+            closed = r.get("gap_closed")
+            gap = f"{100 * closed:.0f}%" if closed and not math.isnan(closed) else ""  # nan: no gap to close
+            print(f"| {r['model']} | {r['recipe']} | {r['arm']} | {ce} | {kl} | {top1} | {gap} |")
     total = time.perf_counter() - start
     print(f"total {total:.0f} s")
-    Path(args.out).write_text(json.dumps(
+    out.write_text(json.dumps(
         {"command": " ".join(sys.argv), "args": vars(args), "torch": torch.__version__,
          "python": platform.python_version(), "total_s": total, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ __all__ = [
     "corpus",
     "evaluate",
     "kl_to_teacher",
+    "score",
+    "teacher_log_probs",
     "main",
     "ptq",
     "teacher",
@@ -378,6 +380,34 @@ def kl_to_teacher(
         total += (log_t.exp() * (log_t - log_s)).sum().item()
         count += x.numel()
     return total / count
+
+
+@torch.no_grad()
+def teacher_log_probs(
+    teacher: nn.Module, n_batches: int = EVAL_BATCHES, batch_size: int = EVAL_BATCH_SIZE, seed: int = 0
+) -> list[torch.Tensor]:
+    """The teacher's log-probabilities on the :func:`evaluate` windows, to :func:`score` many
+    students against without running the teacher again (32 × 32 windows: 134 MB)."""
+    if hasattr(teacher, "eval"):
+        teacher.eval()
+    return [F.log_softmax(_logits(teacher, x).float(), dim=-1) for x, _ in _val_windows(n_batches, batch_size, seed)]
+
+
+@torch.no_grad()
+def score(student: nn.Module, log_t: list[torch.Tensor], batch_size: int = EVAL_BATCH_SIZE, seed: int = 0) -> dict:
+    """:func:`evaluate` and :func:`kl_to_teacher` in one pass over the windows of ``log_t``
+    (from :func:`teacher_log_probs` with the same ``batch_size`` and ``seed``)."""
+    if hasattr(student, "eval"):
+        student.eval()
+    ce_sum = kl_sum = 0.0
+    count = 0
+    for (x, y), lt in zip(_val_windows(len(log_t), batch_size, seed), log_t):
+        ls = F.log_softmax(_logits(student, x).float(), dim=-1)
+        ce_sum += F.nll_loss(ls.reshape(-1, ls.shape[-1]), y.reshape(-1), reduction="sum").item()
+        kl_sum += (lt.exp() * (lt - ls)).sum().item()
+        count += y.numel()
+    ce = ce_sum / count
+    return {"ce": ce, "ppl": math.exp(ce), "bits_per_byte": ce / math.log(2), "kl": kl_sum / count}
 
 
 # ----------------------------------------------------------------------------------- training

@@ -54,6 +54,12 @@ __all__ = [
     "dequantize",
     "reduce_to_scale",
     "use_compiled_kernels",
+    "kernel",
+    "COMPILED_MIN_NUMEL",
+    "axis_view",
+    "memory_order",
+    "permute",
+    "unpermute",
     "SCALE_TYPES",
 ]
 
@@ -118,6 +124,29 @@ def axis_view(x: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     axis = axis % x.dim()
     shape = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :]))
     return x.reshape(shape), scale.reshape(1, -1, 1)
+
+
+def memory_order(x: Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes ``x`` contiguous when it is a transposed view of a contiguous
+    tensor (attention's ``q.transpose(1, 2)``); None when it is contiguous already or not dense.
+
+    A per-tensor quantizer is elementwise, so it can run on the permuted (contiguous) view and
+    give its result back in ``x``'s layout, as eager torch does, instead of copying ``x``.
+    """
+    if x.is_contiguous():
+        return None
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def permute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """``x`` in the order of :func:`memory_order` (itself for None)."""
+    return x if order is None else x.permute(order)
+
+
+def unpermute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """Undo :func:`permute`."""
+    return x if order is None else x.permute(tuple(sorted(range(len(order)), key=order.__getitem__)))
 
 
 def _round_e2m1_(y: Tensor) -> Tensor:
@@ -316,7 +345,9 @@ def fake_quant_fmt(
     elif block_size:  # blocks on another axis or a partial tail block: weights, small
         out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
-        out = kernel(_fmt_forward, x.numel())(*axis_view(x, s, axis), elem)
+        order = memory_order(x) if s.dim() == 0 else None
+        xm = permute(x, order)
+        return unpermute(kernel(_fmt_forward, x.numel())(*axis_view(xm, s, axis), elem).reshape(xm.shape), order)
     return out.reshape(x.shape)
 
 
@@ -344,8 +375,11 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
     lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
     s = (scale * global_scale).to(torch.float32)
     if not ctx.needs_input_grad[1] and not ctx.block_size:  # plain STE: one fused loop if compiled
-        x3, s3 = axis_view(x, s, ctx.axis)
-        return (kernel(_fmt_ste, x.numel())(grad.reshape(x3.shape), x3, s3, lo, hi).reshape(x.shape),) + (None,) * 6
+        order = memory_order(x) if s.dim() == 0 else None
+        xm, gm = permute(x, order), permute(grad, order)
+        x3, s3 = axis_view(xm, s, ctx.axis)
+        grad_x = kernel(_fmt_ste, x.numel())(gm.reshape(x3.shape), x3, s3, lo, hi).reshape(xm.shape)
+        return (unpermute(grad_x, order),) + (None,) * 6
     s = expand(s, x, ctx.axis, ctx.block_size)
     v = x.to(torch.float32) / s
     inside = (v >= lo) & (v <= hi)

@@ -123,11 +123,15 @@ def fake_quant(
 
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
-    x3, s3 = qops.axis_view(x, scale.to(torch.float32), axis)
+    order = qops.memory_order(x) if scale.dim() == 0 else None  # a transposed view: no copy
+    xm = qops.permute(x, order)
+    x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis)
     if bool(zero_point.any()):
-        _, z3 = qops.axis_view(x, zero_point.to(torch.float32), axis)
-        return qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax).reshape(x.shape)
-    return qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax).reshape(x.shape)
+        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis)
+        out = qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax)
+    else:
+        out = qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax)
+    return qops.unpermute(out.reshape(xm.shape), order)
 
 
 def _symmetric_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -171,10 +175,12 @@ def _backward(ctx, grad):  # noqa: ANN001
         grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     elif ctx.needs_input_grad[0]:
         # the clipping range in x's units, per channel: two compares instead of a division
-        x3, s3 = qops.axis_view(x, scale.to(torch.float32), ctx.axis)
-        _, z3 = qops.axis_view(x, zero_point.to(torch.float32), ctx.axis)
+        order = qops.memory_order(x) if scale.dim() == 0 else None
+        xm, gm = qops.permute(x, order), qops.permute(grad, order)
+        x3, s3 = qops.axis_view(xm, scale.to(torch.float32), ctx.axis)
+        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), ctx.axis)
         lo, hi = (ctx.qmin - 0.5 - z3) * s3, (ctx.qmax + 0.5 - z3) * s3
-        grad_x = qops.kernel(_inside, x.numel())(grad.reshape(x3.shape), x3, lo, hi).reshape(x.shape)
+        grad_x = qops.unpermute(qops.kernel(_inside, x.numel())(gm.reshape(x3.shape), x3, lo, hi).reshape(xm.shape), order)
     return grad_x, grad_s, None, None, None, None
 
 

@@ -101,6 +101,7 @@ def test_compiled_kernel_bf16_and_strided_input(compiled):
     qops.use_compiled_kernels(False)
     y_eager, g_eager = _run(fq, x)
     assert y_compiled.dtype == torch.bfloat16 and y_compiled.shape == x.shape
+    assert y_compiled.stride() == y_eager.stride() == x.stride()  # x's layout, no copy of x
     assert _same(y_compiled, y_eager)
     assert _same(g_compiled, g_eager)
 
@@ -126,3 +127,13 @@ def test_codes_match_the_numpy_reference_when_compiled(compiled):
     s = (fq.scale * fq.global_scale).numpy()
     ref = fmt.dequantize(fmt.quantize(w.numpy(), s, "fp4_e2m1", axis=1, block_size=16), s, axis=1, block_size=16)
     assert torch.equal(y, torch.from_numpy(ref))
+
+
+def test_memory_order_of_transposed_and_sliced_views():
+    base = torch.arange(120.0).reshape(2, 3, 4, 5)
+    t = base.transpose(1, 2)
+    order = qops.memory_order(t)
+    assert order == (0, 2, 1, 3) and qops.permute(t, order).is_contiguous()
+    assert torch.equal(qops.unpermute(qops.permute(t, order), order), t)
+    assert qops.memory_order(base) is None  # contiguous already
+    assert qops.memory_order(base[:, :, ::2]) is None  # not dense: the caller copies
