@@ -60,6 +60,7 @@ __all__ = [
     "memory_order",
     "permute",
     "unpermute",
+    "permuted_axis",
     "SCALE_TYPES",
 ]
 
@@ -142,6 +143,11 @@ def memory_order(x: Tensor) -> tuple[int, ...] | None:
 def permute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
     """``x`` in the order of :func:`memory_order` (itself for None)."""
     return x if order is None else x.permute(order)
+
+
+def permuted_axis(axis: int, ndim: int, order: tuple[int, ...] | None) -> int:
+    """Where ``axis`` of the tensor lands in its :func:`permute`\ d view."""
+    return axis if order is None else order.index(axis % ndim)
 
 
 def unpermute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
@@ -345,9 +351,10 @@ def fake_quant_fmt(
     elif block_size:  # blocks on another axis or a partial tail block: weights, small
         out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
-        order = memory_order(x) if s.dim() == 0 else None
+        order = memory_order(x)  # a transposed view runs in its memory order: no copy, x's layout out
         xm = permute(x, order)
-        return unpermute(kernel(_fmt_forward, x.numel())(*axis_view(xm, s, axis), elem).reshape(xm.shape), order)
+        out = kernel(_fmt_forward, x.numel())(*axis_view(xm, s, permuted_axis(axis, x.dim(), order)), elem)
+        return unpermute(out.reshape(xm.shape), order)
     return out.reshape(x.shape)
 
 
@@ -375,9 +382,9 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
     lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
     s = (scale * global_scale).to(torch.float32)
     if not ctx.needs_input_grad[1] and not ctx.block_size:  # plain STE: one fused loop if compiled
-        order = memory_order(x) if s.dim() == 0 else None
+        order = memory_order(x)
         xm, gm = permute(x, order), permute(grad, order)
-        x3, s3 = axis_view(xm, s, ctx.axis)
+        x3, s3 = axis_view(xm, s, permuted_axis(ctx.axis, x.dim(), order))
         grad_x = kernel(_fmt_ste, x.numel())(gm.reshape(x3.shape), x3, s3, lo, hi).reshape(xm.shape)
         return (unpermute(grad_x, order),) + (None,) * 6
     s = expand(s, x, ctx.axis, ctx.block_size)

@@ -123,11 +123,11 @@ def fake_quant(
 
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
-    order = qops.memory_order(x) if scale.dim() == 0 else None  # a transposed view: no copy
-    xm = qops.permute(x, order)
-    x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis)
+    order = qops.memory_order(x)  # a transposed view runs in its memory order: no copy, x's layout out
+    xm, axis_m = qops.permute(x, order), qops.permuted_axis(axis, x.dim(), order)
+    x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis_m)
     if bool(zero_point.any()):
-        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis)
+        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis_m)
         out = qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax)
     else:
         out = qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax)
@@ -175,10 +175,11 @@ def _backward(ctx, grad):  # noqa: ANN001
         grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     elif ctx.needs_input_grad[0]:
         # the clipping range in x's units, per channel: two compares instead of a division
-        order = qops.memory_order(x) if scale.dim() == 0 else None
+        order = qops.memory_order(x)
         xm, gm = qops.permute(x, order), qops.permute(grad, order)
-        x3, s3 = qops.axis_view(xm, scale.to(torch.float32), ctx.axis)
-        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), ctx.axis)
+        axis_m = qops.permuted_axis(ctx.axis, x.dim(), order)
+        x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis_m)
+        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis_m)
         lo, hi = (ctx.qmin - 0.5 - z3) * s3, (ctx.qmax + 0.5 - z3) * s3
         grad_x = qops.unpermute(qops.kernel(_inside, x.numel())(gm.reshape(x3.shape), x3, lo, hi).reshape(xm.shape), order)
     return grad_x, grad_s, None, None, None, None

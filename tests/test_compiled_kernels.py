@@ -137,3 +137,19 @@ def test_memory_order_of_transposed_and_sliced_views():
     assert torch.equal(qops.unpermute(qops.permute(t, order), order), t)
     assert qops.memory_order(base) is None  # contiguous already
     assert qops.memory_order(base[:, :, ::2]) is None  # not dense: the caller copies
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+def test_per_channel_on_a_transposed_tensor_keeps_its_layout(dtype, compiled):
+    """A per-channel quantizer on a transposed view: the channel axis follows the permutation,
+    the result has x's layout in both modes, and equals the broadcast formula."""
+    x = _data((512, 256), 1.0, 7).nan_to_num(0.0, 1.0, -1.0).t()  # (256, 512), channels on axis 1
+    fq = FakeQuant.for_weight(_weight_spec(dtype, axis=1), x)
+    y_compiled, g_compiled = _run(fq, x)
+    qops.use_compiled_kernels(False)
+    y_eager, g_eager = _run(fq, x)
+    assert _same(y_compiled, y_eager) and _same(g_compiled, g_eager)
+    assert y_eager.stride() == y_compiled.stride() == x.stride()
+    s = fq.scale.reshape(1, -1)
+    expected = qops.round_to(x / s, dtype) * s
+    assert _same(y_eager, expected)
