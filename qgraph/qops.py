@@ -61,6 +61,8 @@ __all__ = [
     "permute",
     "unpermute",
     "permuted_axis",
+    "rows_order",
+    "in_layout_of",
     "SCALE_TYPES",
 ]
 
@@ -107,8 +109,9 @@ def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled
 
         @functools.wraps(fn)
         def compiled(*args):  # noqa: ANN002, ANN202
-            # detached: no requires_grad or view-of-a-base guards (each would be a recompile);
-            # the op computes values, its gradient is the op's own backward
+            if torch.is_grad_enabled():  # a backward with create_graph=True: keep the eager graph
+                return fn(*args)
+            # detached: no requires_grad or view-of-a-base guards (each would be a recompile)
             args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             with torch.no_grad():
                 return inner(*args)
@@ -153,6 +156,24 @@ def permuted_axis(axis: int, ndim: int, order: tuple[int, ...] | None) -> int:
 def unpermute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
     """Undo :func:`permute`."""
     return x if order is None else x.permute(tuple(sorted(range(len(order)), key=order.__getitem__)))
+
+
+def rows_order(x: Tensor) -> tuple[int, ...] | None:
+    """:func:`memory_order` if it keeps the last axis last (blocks along it stay contiguous)."""
+    order = memory_order(x)
+    return order if order is not None and order[-1] == x.dim() - 1 else None
+
+
+def in_layout_of(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` (x's shape) with the strides ``torch.empty_like(x)`` has, which is what the ops'
+    fake kernels promise to ``torch.compile``/``torch.export``: x's own strides for a dense
+    (possibly transposed) x, contiguous otherwise. Copies only when the layouts differ."""
+    order = memory_order(x)
+    if order is None:
+        return out.contiguous()
+    if out.stride() == x.stride():
+        return out
+    return unpermute(permute(out, order).contiguous(), order)
 
 
 def _round_e2m1_(y: Tensor) -> Tensor:
@@ -346,16 +367,19 @@ def fake_quant_fmt(
     s = (scale * global_scale).to(torch.float32)
     if block_size and axis % x.dim() == x.dim() - 1 and x.shape[-1] % block_size == 0:
         # whole blocks on the last axis: (rows, blocks, block_size), no scale broadcast to x's size
-        blocks = x.reshape(-1, x.shape[-1] // block_size, block_size)
-        out = kernel(_fmt_forward, x.numel())(blocks, s.reshape(blocks.shape[0], -1, 1), elem)
+        order = rows_order(x)
+        xm, sm = permute(x, order), permute(s.expand(*x.shape[:-1], s.shape[-1]), order)
+        blocks = xm.reshape(-1, x.shape[-1] // block_size, block_size)
+        out = kernel(_fmt_forward, x.numel())(blocks, sm.reshape(blocks.shape[0], -1, 1), elem)
+        out = unpermute(out.reshape(xm.shape), order)
     elif block_size:  # blocks on another axis or a partial tail block: weights, small
         out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
-        order = memory_order(x)  # a transposed view runs in its memory order: no copy, x's layout out
+        order = memory_order(x)  # a transposed view runs in its memory order: no copy
         xm = permute(x, order)
         out = kernel(_fmt_forward, x.numel())(*axis_view(xm, s, permuted_axis(axis, x.dim(), order)), elem)
-        return unpermute(out.reshape(xm.shape), order)
-    return out.reshape(x.shape)
+        out = unpermute(out.reshape(xm.shape), order)
+    return in_layout_of(out, x)
 
 
 def _fmt_forward(x: Tensor, s: Tensor, elem: Element) -> Tensor:
@@ -424,9 +448,13 @@ def fake_quant_dynamic(
     ``scale_type`` ``fp8_e4m3`` is NVFP4 (the block scale is an E4M3 multiple of the calibrated
     ``global_scale``); ``e8m0`` is MX (``global_scale`` is ignored).
     """
-    rows = x.reshape(-1, x.shape[-1])
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    order = rows_order(x)  # a view transposed in its leading axes: no copy
+    xm = permute(x, order)
+    rows = xm.reshape(-1, x.shape[-1])
     out = kernel(_dynamic_forward, x.numel())(rows, global_scale, block_size, fmt.element(element), scale_type)
-    return out.reshape(x.shape)
+    return in_layout_of(unpermute(out.reshape(xm.shape), order), x)
 
 
 def _dynamic_forward(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
@@ -443,16 +471,22 @@ def _(x, global_scale, block_size, element, scale_type):  # noqa: ANN001
 
 
 def _dynamic_setup(ctx, inputs, output):  # noqa: ANN001
-    ctx.save_for_backward(inputs[0])  # x itself: a mask would cost an extra pass over x here
+    x = inputs[0]
+    # a 1-byte mask, not x: smaller, and x may be changed in place after the call
+    ctx.save_for_backward(kernel(_finite, x.numel())(x))
 
 
-def _finite_ste(grad: Tensor, x: Tensor) -> Tensor:
-    return grad * torch.isfinite(x)
+def _finite(x: Tensor) -> Tensor:
+    return torch.isfinite(x)
+
+
+def _masked(grad: Tensor, mask: Tensor) -> Tensor:
+    return grad * mask
 
 
 def _dynamic_backward(ctx, grad):  # noqa: ANN001
-    (x,) = ctx.saved_tensors
-    return (kernel(_finite_ste, x.numel())(grad.reshape(-1), x.reshape(-1)).reshape(x.shape),) + (None,) * 4
+    (finite,) = ctx.saved_tensors
+    return (kernel(_masked, grad.numel())(grad, finite),) + (None,) * 4
 
 
 fake_quant_dynamic.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)

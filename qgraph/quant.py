@@ -131,7 +131,7 @@ def fake_quant(
         out = qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax)
     else:
         out = qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax)
-    return qops.unpermute(out.reshape(xm.shape), order)
+    return qops.in_layout_of(qops.unpermute(out.reshape(xm.shape), order), x)
 
 
 def _symmetric_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> Tensor:

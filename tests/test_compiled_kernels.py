@@ -153,3 +153,55 @@ def test_per_channel_on_a_transposed_tensor_keeps_its_layout(dtype, compiled):
     s = fq.scale.reshape(1, -1)
     expected = qops.round_to(x / s, dtype) * s
     assert _same(y_eager, expected)
+
+
+def _dynamic(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.qgraph.fake_quant_dynamic(x, torch.tensor(0.01), 16, "fp4_e2m1", "fp8_e4m3")
+
+
+def _blocked(x: torch.Tensor) -> torch.Tensor:
+    scale = torch.full((*x.shape[:-1], -(-x.shape[-1] // 16)), 0.02)
+    return torch.ops.qgraph.fake_quant_fmt(x, scale, torch.tensor(1.0), -1, 16, "fp4_e2m1", "fp8_e4m3")
+
+
+def _per_tensor(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.qgraph.fake_quant(x, torch.tensor(0.02), torch.tensor(0, dtype=torch.int8), 0, -128, 127)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+@pytest.mark.parametrize("op", [_dynamic, _blocked, _per_tensor])
+def test_outputs_have_the_layout_the_fake_kernels_promise(op, kernels):
+    """torch.compile/export trust register_fake (empty_like: x's strides when x is dense)."""
+    previous = qops.use_compiled_kernels(kernels == "compiled")
+    try:
+        base = _data((8, 64, 4, 32), 1.0, 11).nan_to_num(0.0, 1.0, -1.0)
+        for x in (base, base.transpose(1, 2), base.transpose(0, 1), base[..., :24], base.transpose(-1, -2)):
+            if op is not _per_tensor and x.shape[-1] % 16:
+                continue  # the blocked op's fast path wants whole blocks; tails are covered eagerly
+            y = op(x)
+            assert y.shape == x.shape and y.stride() == torch.empty_like(x).stride(), (op.__name__, x.stride())
+            assert _same(y, op(x.contiguous()))  # same values whatever the layout
+    finally:
+        qops.use_compiled_kernels(previous)
+
+
+def test_dynamic_quantizer_survives_in_place_edits_and_empty_inputs(compiled):
+    x = _data((256, 256), 1.0, 12).nan_to_num(0.0, 1.0, -1.0).requires_grad_(True)
+    h = x * 1.0
+    y = _dynamic(h)
+    h.relu_()  # the op saved a mask, not h
+    (y.sum() + h.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    assert _dynamic(torch.empty(4, 0)).shape == (4, 0)
+
+
+def test_double_backward_keeps_its_graph_with_compiled_kernels(compiled):
+    fq = FakeQuant.for_activation(QSpec("int8", "activation", None), torch.tensor(4.0))
+    x = _data((256, 256), 0.03, 13).nan_to_num(0.0, 1.0, -1.0).requires_grad_(True)
+    (g,) = torch.autograd.grad((fq(x) ** 2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    qops.use_compiled_kernels(False)
+    x2 = x.detach().clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad((fq(x2) ** 2).sum(), x2, create_graph=True)
+    (gg2,) = torch.autograd.grad(g2.sum(), x2)
+    assert _same(g, g2) and _same(gg, gg2)
