@@ -472,12 +472,15 @@ def _(x, global_scale, block_size, element, scale_type):  # noqa: ANN001
 
 def _dynamic_setup(ctx, inputs, output):  # noqa: ANN001
     x = inputs[0]
-    # a 1-byte mask, not x: smaller, and x may be changed in place after the call
-    ctx.save_for_backward(kernel(_finite, x.numel())(x))
-
-
-def _finite(x: Tensor) -> Tensor:
-    return torch.isfinite(x)
+    # the gradient is masked where x is not finite. A mask costs a pass and a byte per value; on
+    # a CPU one reduction (no allocation) shows the usual case, every value finite, needs none
+    # (an overflowing sum only costs the mask); on an accelerator that check would be a sync.
+    # only a plain CPU tensor has data to look at (fake, functional and DTensor subclasses do not)
+    plain = type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
+    if plain and not torch.compiler.is_compiling() and bool(torch.isfinite(x.sum())):
+        ctx.save_for_backward(None)
+    else:
+        ctx.save_for_backward(torch.isfinite(x))  # a mask, not x: x may be changed in place
 
 
 def _masked(grad: Tensor, mask: Tensor) -> Tensor:
@@ -486,7 +489,8 @@ def _masked(grad: Tensor, mask: Tensor) -> Tensor:
 
 def _dynamic_backward(ctx, grad):  # noqa: ANN001
     (finite,) = ctx.saved_tensors
-    return (kernel(_masked, grad.numel())(grad, finite),) + (None,) * 4
+    grad_x = grad if finite is None else kernel(_masked, grad.numel())(grad, finite)
+    return (grad_x,) + (None,) * 4
 
 
 fake_quant_dynamic.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)

@@ -273,6 +273,20 @@ def test_fake_quant_dynamic_gradient_is_one_for_finite():
     assert (x.grad == 1).all()
 
 
+@pytest.mark.parametrize("special", [float("inf"), float("-inf"), float("nan"), None])
+def test_fake_quant_dynamic_gradient_is_zero_where_x_is_not_finite(special):
+    """The mask is only built when some value is not finite (or the sum overflows: all 3e38s)."""
+    row = [0.5, -2.0, 3e38, 3e38] * 8
+    if special is not None:
+        row[1] = special
+    x = _t([row]).requires_grad_(True)
+    torch.ops.qgraph.fake_quant_dynamic(x, torch.tensor(1.0), 16, "fp4_e2m1", "fp8_e4m3").sum().backward()
+    expected = torch.ones_like(x)
+    if special is not None:
+        expected[0, 1] = 0.0
+    assert torch.equal(x.grad, expected)
+
+
 # --- tiny tensors: scales never underflow (regressions found by this file) ---------------------
 
 
