@@ -181,7 +181,8 @@ def _backward(ctx, grad):  # noqa: ANN001
         x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis_m)
         _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis_m)
         lo, hi = (ctx.qmin - 0.5 - z3) * s3, (ctx.qmax + 0.5 - z3) * s3
-        grad_x = qops.unpermute(qops.kernel(_inside, x.numel())(gm.reshape(x3.shape), x3, lo, hi).reshape(xm.shape), order)
+        grad_x = qops.kernel(_inside, x.numel())(gm.reshape(x3.shape), x3, lo, hi)
+        grad_x = qops.unpermute(grad_x.reshape(xm.shape), order)
     return grad_x, grad_s, None, None, None, None
 
 
