@@ -370,16 +370,7 @@ def kl_to_teacher(
     Returns:
         The KL divergence averaged over all predicted positions.
     """
-    for m in (student, teacher):
-        if hasattr(m, "eval"):
-            m.eval()
-    total, count = 0.0, 0
-    for x, _ in _val_windows(n_batches, batch_size, seed):
-        log_t = F.log_softmax(_logits(teacher, x).float(), dim=-1)
-        log_s = F.log_softmax(_logits(student, x).float(), dim=-1)
-        total += (log_t.exp() * (log_t - log_s)).sum().item()
-        count += x.numel()
-    return total / count
+    return score(student, teacher_log_probs(teacher, n_batches, batch_size, seed), batch_size, seed)["kl"]
 
 
 @torch.no_grad()

@@ -56,11 +56,10 @@ __all__ = [
     "use_compiled_kernels",
     "kernel",
     "COMPILED_MIN_NUMEL",
-    "axis_view",
+    "ChannelView",
     "memory_order",
     "permute",
     "unpermute",
-    "permuted_axis",
     "rows_order",
     "in_layout_of",
     "SCALE_TYPES",
@@ -97,7 +96,7 @@ def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled
     """``fn`` itself, or its ``torch.compile``'d version while compiled kernels are on and the
     tensor has at least :data:`COMPILED_MIN_NUMEL` values.
 
-    Callers hand a kernel one layout per format (:func:`axis_view`, blocks as (rows, blocks,
+    Callers hand a kernel one layout per format (:class:`ChannelView`, blocks as (rows, blocks,
     size)), so each compiles a handful of times, not once per tensor shape and stride.
     """
     if not _compiled_kernels or numel < COMPILED_MIN_NUMEL:
@@ -120,16 +119,6 @@ def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled
     return compiled
 
 
-def axis_view(x: Tensor, scale: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """``x`` as (before, channels, after) and ``scale`` as (1, channels, 1); a per-tensor (0-d)
-    scale gives (1, 1, n) and (1, 1, 1). Views of contiguous tensors, so free in eager mode."""
-    if scale.dim() == 0:
-        return x.reshape(1, 1, x.numel()), scale.reshape(1, 1, 1)
-    axis = axis % x.dim()
-    shape = (math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :]))
-    return x.reshape(shape), scale.reshape(1, -1, 1)
-
-
 def memory_order(x: Tensor) -> tuple[int, ...] | None:
     """The permutation that makes ``x`` contiguous when it is a transposed view of a contiguous
     tensor (attention's ``q.transpose(1, 2)``); None when it is contiguous already or not dense.
@@ -148,14 +137,40 @@ def permute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
     return x if order is None else x.permute(order)
 
 
-def permuted_axis(axis: int, ndim: int, order: tuple[int, ...] | None) -> int:
-    """Where ``axis`` of the tensor lands in its :func:`permute`\ d view."""
-    return axis if order is None else order.index(axis % ndim)
-
-
 def unpermute(x: Tensor, order: tuple[int, ...] | None) -> Tensor:
     """Undo :func:`permute`."""
     return x if order is None else x.permute(tuple(sorted(range(len(order)), key=order.__getitem__)))
+
+
+class ChannelView:
+    """``x`` as (before, channels, after) in its memory order — the one layout a compiled kernel
+    sees for a per-channel quantizer on ``axis`` — or as (1, 1, n) for a per-tensor one.
+
+    A transposed view is not copied (:func:`memory_order`), and :meth:`back` returns results in
+    ``x``'s layout, as eager torch does. Parameters (scale, zero point) become (1, channels, 1) or
+    (1, 1, 1); :meth:`of` puts another tensor of x's shape (a gradient) in the same view.
+    """
+
+    def __init__(self, x: Tensor, axis: int, per_channel: bool) -> None:
+        self.order = memory_order(x)
+        xm = permute(x, self.order)
+        self.shape = xm.shape
+        if per_channel:
+            a = axis % x.dim() if self.order is None else self.order.index(axis % x.dim())
+            self.view = (math.prod(xm.shape[:a]), xm.shape[a], math.prod(xm.shape[a + 1 :]))
+        else:
+            self.view = (1, 1, x.numel())
+        self.x = xm.reshape(self.view)
+
+    def of(self, t: Tensor) -> Tensor:
+        return permute(t, self.order).reshape(self.view)
+
+    @staticmethod
+    def param(p: Tensor) -> Tensor:
+        return p.reshape(1, -1, 1) if p.dim() else p.reshape(1, 1, 1)
+
+    def back(self, y: Tensor) -> Tensor:
+        return unpermute(y.reshape(self.shape), self.order)
 
 
 def rows_order(x: Tensor) -> tuple[int, ...] | None:
@@ -375,10 +390,8 @@ def fake_quant_fmt(
     elif block_size:  # blocks on another axis or a partial tail block: weights, small
         out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
-        order = memory_order(x)  # a transposed view runs in its memory order: no copy
-        xm = permute(x, order)
-        out = kernel(_fmt_forward, x.numel())(*axis_view(xm, s, permuted_axis(axis, x.dim(), order)), elem)
-        out = unpermute(out.reshape(xm.shape), order)
+        view = ChannelView(x, axis, s.dim() > 0)
+        out = view.back(kernel(_fmt_forward, x.numel())(view.x, view.param(s), elem))
     return in_layout_of(out, x)
 
 
@@ -406,11 +419,9 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
     lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
     s = (scale * global_scale).to(torch.float32)
     if not ctx.needs_input_grad[1] and not ctx.block_size:  # plain STE: one fused loop if compiled
-        order = memory_order(x)
-        xm, gm = permute(x, order), permute(grad, order)
-        x3, s3 = axis_view(xm, s, permuted_axis(ctx.axis, x.dim(), order))
-        grad_x = kernel(_fmt_ste, x.numel())(gm.reshape(x3.shape), x3, s3, lo, hi).reshape(xm.shape)
-        return (unpermute(grad_x, order),) + (None,) * 6
+        view = ChannelView(x, ctx.axis, s.dim() > 0)
+        grad_x = kernel(_fmt_ste, x.numel())(view.of(grad), view.x, view.param(s), lo, hi)
+        return (view.back(grad_x),) + (None,) * 6
     s = expand(s, x, ctx.axis, ctx.block_size)
     v = x.to(torch.float32) / s
     inside = (v >= lo) & (v <= hi)

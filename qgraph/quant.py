@@ -123,15 +123,12 @@ def fake_quant(
 
     ``scale``/``zero_point`` are 0-d (per tensor) or 1-d along ``axis`` (per channel).
     """
-    order = qops.memory_order(x)  # a transposed view runs in its memory order: no copy, x's layout out
-    xm, axis_m = qops.permute(x, order), qops.permuted_axis(axis, x.dim(), order)
-    x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis_m)
+    view = qops.ChannelView(x, axis, scale.dim() > 0)
+    s = view.param(scale.to(torch.float32))
     if bool(zero_point.any()):
-        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis_m)
-        out = qops.kernel(_affine_forward, x.numel())(x3, s3, z3, qmin, qmax)
-    else:
-        out = qops.kernel(_symmetric_forward, x.numel())(x3, s3, qmin, qmax)
-    return qops.in_layout_of(qops.unpermute(out.reshape(xm.shape), order), x)
+        z = view.param(zero_point.to(torch.float32))
+        return view.back(qops.kernel(_affine_forward, x.numel())(view.x, s, z, qmin, qmax))
+    return view.back(qops.kernel(_symmetric_forward, x.numel())(view.x, s, qmin, qmax))
 
 
 def _symmetric_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -164,10 +161,10 @@ def _backward(ctx, grad):  # noqa: ANN001
     scale that requires grad, the LSQ gradient ``q - z - v`` inside the range, ``q - z`` outside
     (v = x / s, q the saturated code), summed to the scale's shape."""
     x, scale, zero_point = ctx.saved_tensors
-    s = _broadcast(scale, x, ctx.axis).to(torch.float32)
-    z = _broadcast(zero_point, x, ctx.axis).to(torch.float32)
     grad_x = grad_s = None
     if ctx.needs_input_grad[1]:  # LSQ needs v = x / s anyway
+        s = _broadcast(scale, x, ctx.axis).to(torch.float32)
+        z = _broadcast(zero_point, x, ctx.axis).to(torch.float32)
         v = x.to(torch.float32) / s
         inside = (v + z >= ctx.qmin - 0.5) & (v + z <= ctx.qmax + 0.5)
         q = torch.clamp(torch.round(v) + z, ctx.qmin, ctx.qmax)
@@ -175,14 +172,10 @@ def _backward(ctx, grad):  # noqa: ANN001
         grad_x = (grad * inside).to(grad.dtype) if ctx.needs_input_grad[0] else None
     elif ctx.needs_input_grad[0]:
         # the clipping range in x's units, per channel: two compares instead of a division
-        order = qops.memory_order(x)
-        xm, gm = qops.permute(x, order), qops.permute(grad, order)
-        axis_m = qops.permuted_axis(ctx.axis, x.dim(), order)
-        x3, s3 = qops.axis_view(xm, scale.to(torch.float32), axis_m)
-        _, z3 = qops.axis_view(xm, zero_point.to(torch.float32), axis_m)
-        lo, hi = (ctx.qmin - 0.5 - z3) * s3, (ctx.qmax + 0.5 - z3) * s3
-        grad_x = qops.kernel(_inside, x.numel())(gm.reshape(x3.shape), x3, lo, hi)
-        grad_x = qops.unpermute(grad_x.reshape(xm.shape), order)
+        view = qops.ChannelView(x, ctx.axis, scale.dim() > 0)
+        s, z = view.param(scale.to(torch.float32)), view.param(zero_point.to(torch.float32))
+        lo, hi = (ctx.qmin - 0.5 - z) * s, (ctx.qmax + 0.5 - z) * s
+        grad_x = view.back(qops.kernel(_inside, x.numel())(view.of(grad), view.x, lo, hi))
     return grad_x, grad_s, None, None, None, None
 
 
