@@ -3,9 +3,9 @@
 ``BACKENDS`` is the one explicit table from backend names to their modules' entry points.
 """
 
-from qgraph.backends import tensorrt
+from qgraph.backends import onnxruntime, tensorrt
 
-__all__ = ["BACKENDS", "tensorrt"]
+__all__ = ["BACKENDS", "onnxruntime", "tensorrt"]
 
 #: Backend name → module exposing ``RULES`` (precision → BackendRules), ``lower`` and ``inspect``.
-BACKENDS = {"tensorrt": tensorrt}
+BACKENDS = {"tensorrt": tensorrt, "onnxruntime": onnxruntime}

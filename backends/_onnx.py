@@ -31,7 +31,7 @@ import torch.fx
 from qgraph import formats
 from qgraph._errors import QGraphError
 
-__all__ = ["export_onnx", "serialize", "const_array", "const_or_dequantized", "decode_weights"]
+__all__ = ["export_onnx", "serialize", "const_array", "const_or_dequantized", "decode_weights", "add_initializer"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _fold_weight_quantize(model: ir.Model) -> None:
         elem = formats.element_of(zp)
         axis, block = _axis_block(node, scale)
         codes = formats.quantize(x, scale, elem, zp if elem.kind == "int" else None, axis, block)
-        init = _add_initializer(graph, f"{node.inputs[0].name}_quantized", codes)
+        init = add_initializer(graph, f"{node.inputs[0].name}_quantized", codes)
         node.outputs[0].replace_all_uses_with(init)
         graph.remove(node, safe=True)
 
@@ -196,7 +196,7 @@ def _mx_scales_as_e8m0_bits(model: ir.Model) -> None:
         if scale is None or scale.dtype != np.float32:
             continue
         bits = scale.astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
-        node.replace_input_with(1, _add_initializer(graph, f"{node.inputs[1].name}_e8m0", bits))
+        node.replace_input_with(1, add_initializer(graph, f"{node.inputs[1].name}_e8m0", bits))
 
 
 def _type_trt_outputs(model: ir.Model) -> None:
@@ -213,7 +213,7 @@ def _type_trt_outputs(model: ir.Model) -> None:
             node.outputs[0].shape = node.inputs[0].shape
 
 
-def _add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named after ``base`` (made unique)."""
     name = _free_name(graph, base)
     init = ir.Value(name=name, const_value=ir.tensor(array, name=name))
@@ -237,7 +237,7 @@ def _transposed_const(graph: ir.Graph, value: ir.Value, perm: list[int]) -> ir.V
     array = const_array(value)
     if array is None:
         return None
-    return _add_initializer(graph, f"{value.name}_t", np.ascontiguousarray(array.transpose(perm)))
+    return add_initializer(graph, f"{value.name}_t", np.ascontiguousarray(array.transpose(perm)))
 
 
 def _transpose_block_scale(graph: ir.Graph, scale: ir.Value, perm: list[int]) -> ir.Value | None:

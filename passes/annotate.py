@@ -152,6 +152,8 @@ class Annotate(Pass):
             return {}, f"{why} ({rules.backend} {rules.precision})"
         if rule.unsupported:
             raise _Unsupported(rule.unsupported)
+        if rule.int8_kernel and self._feeds_quantized_input(node, rules):
+            return self._plan_int8_kernel(node, rules)
         if rule.residual:
             return self._plan_residual(node, rules)
         if rule.max_groups is not None and _groups(node) > rule.max_groups:
@@ -190,6 +192,35 @@ class Annotate(Pass):
         if rules.activation is None:
             return {}, f"{rules.precision} quantizes no activations"
         return {i: rules.activation for i in targets}, ""
+
+    def _plan_int8_kernel(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
+        """Every tensor input of an op the backend runs as its own int8 kernel (QLinearAdd)."""
+        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
+        if len(args) < 2 or not all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args):
+            return self._plan_residual(node, rules)
+        if rules.activation is None:
+            return {}, f"{rules.precision} quantizes no activations"
+        return {0: rules.activation, 1: rules.activation}, ""
+
+    def _feeds_quantized_input(self, node: torch.fx.Node, rules: BackendRules) -> bool:
+        """Whether every use of ``node``'s output is an input ``rules`` quantize, seen through
+        ReLU/Clip, data movement (not Concat) and quantizers already in the graph (an int8 kernel
+        needs its output read by a quantizer only)."""
+        return bool(node.users) and all(self._quantizes(user, node, rules) for user in node.users)
+
+    def _quantizes(self, user: torch.fx.Node, value: torch.fx.Node, rules: BackendRules) -> bool:
+        if user.op == "call_module":
+            return isinstance(self._gm.get_submodule(user.target), (Observer, FakeQuant))
+        kind = op_kind(user)
+        if kind in ("Relu", "Clip") or (kind in DATA_MOVEMENT and kind != "Concat"):
+            return self._feeds_quantized_input(user, rules)
+        rule = rules.ops.get(kind) if kind else None
+        if rule is None or rule.unsupported:
+            return False
+        if rule.residual or rule.int8_kernel:
+            return True
+        positions = {i for i, a in enumerate(user.args) if a is value}
+        return any(r.index in positions and r.role != "weight" for r in rule.inputs)
 
     def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
         return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))

@@ -24,9 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     lower = sub.add_parser("lower", help="quantize a model and lower it to QDQ ONNX")
-    lower.add_argument("model", help="a torch.export program (.pt2)")
+    lower.add_argument("model", help="a torch.export program (.pt2) or a float ONNX model (.onnx)")
     lower.add_argument("-o", "--output", required=True, help="the ONNX file to write")
-    lower.add_argument("--backend", default="tensorrt", help="target backend (default: tensorrt)")
+    lower.add_argument(
+        "--backend",
+        default="tensorrt",
+        help="tensorrt (QDQ TensorRT parses) or onnxruntime (QDQ ORT's CPU provider fuses into int8 kernels)",
+    )
     lower.add_argument(
         "--precision",
         default="int8",
@@ -59,9 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     lower.add_argument("--dump-dir", help="write the graph after every pass into this folder")
     lower.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
-    inspect = sub.add_parser("inspect", help="Q/DQ placement and TensorRT rule check of any ONNX")
+    inspect = sub.add_parser(
+        "inspect", help="TensorRT rule check, or onnxruntime fusion report, of any QDQ ONNX"
+    )
     inspect.add_argument("model", help="a QDQ ONNX model")
-    inspect.add_argument("--backend", default="tensorrt", help="rules to check (default: tensorrt)")
+    inspect.add_argument(
+        "--backend",
+        default="tensorrt",
+        help="tensorrt: Q/DQ placement and rule violations; onnxruntime: which weighted ops ORT "
+        "runs as int8 kernels, and why not (default: tensorrt)",
+    )
 
     demo = sub.add_parser("demo", help="lower the bundled digits CNN and compare FP32 vs INT8")
     demo.add_argument("-o", "--output", default="digits_cnn_int8.onnx", help="the ONNX file to write")
@@ -121,8 +132,9 @@ def _lower(args: argparse.Namespace) -> int:
         print(result.parity.summary() + where)
         print(result.codes_summary())
         if result.inspect is not None:
-            q, n = result.inspect.quantized_weighted, len(result.inspect.weighted)
-            print(f"{args.backend} rules: OK ({q}/{n} weighted ops quantized)")
+            print(result.inspect.headline())
+            for name, why in getattr(result.inspect, "reasons", {}).items():
+                print(f"  float in onnxruntime: {name}: {why}")
         print(f"wrote {args.output} ({len(result.onnx) / 1024:.1f} KiB)")
     return 0
 

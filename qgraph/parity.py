@@ -138,13 +138,27 @@ def check_codes(
     if not all(m.spec.is_int8 for m in gm.modules() if isinstance(m, FakeQuant)):
         raise QGraphError("codes are compared for INT8 quantizers only")
     proto = onnx.load_from_string(model)
-    q_names, q_inputs = [], []
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    q_names, q_inputs, zero_points, code_ranges = [], [], [], []
     outputs = {o.name for o in proto.graph.output}
     for node in proto.graph.node:
         if node.op_type == "QuantizeLinear":
-            q_names.append(node.output[0])
+            zp = inits[node.input[2]].astype(np.int32) if len(node.input) > 2 and node.input[2] in inits else 0
+            codes, bounds = node.output[0], (None, None)
+            users = readers.get(codes, [])
+            # the onnxruntime lowering moves quantizers before a ReLU/Clip that then runs on codes
+            if len(users) == 1 and users[0].op_type == "Clip" and all(i in inits for i in users[0].input[1:3]):
+                codes = users[0].output[0]
+                bounds = tuple(int(inits[i]) - zp for i in users[0].input[1:3])
+            q_names.append(codes)
             q_inputs.append(node.input[0])
-            for name in node.output[0], node.input[0]:
+            zero_points.append(zp)
+            code_ranges.append(bounds)
+            for name in codes, node.input[0]:
                 if name not in outputs:
                     proto.graph.output.append(onnx.ValueInfoProto(name=name))
                     outputs.add(name)
@@ -152,7 +166,8 @@ def check_codes(
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     fetched = dict(zip(q_names + q_inputs, sess.run(q_names + q_inputs, feeds))) if q_names else {}
     all_values = {**feeds, **fetched}
-    onnx_codes = [fetched[n] for n in q_names]
+    # codes relative to their zero point: uint8 codes (zero point 128) compare with int8 ones
+    onnx_codes = [fetched[n].astype(np.int32) - zp for n, zp in zip(q_names, zero_points)]
     onnx_q_inputs = [all_values[n] for n in q_inputs]
 
     # quantizers whose input is computed from constants alone (e.g. a transposed weight) are
@@ -181,7 +196,7 @@ def check_codes(
     def hook(mod, args, out, name):  # noqa: ANN001, ANN202
         x = args[0].detach()
         codes = torch.clamp(torch.round(x / mod.scale) + mod.zero_point.float(), mod.spec.qmin, mod.spec.qmax)
-        torch_codes[name] = codes.numpy().astype(np.int32)
+        torch_codes[name] = codes.numpy().astype(np.int32) - mod.zero_point.numpy().astype(np.int32)
 
     hooks = [
         gm.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
@@ -196,10 +211,13 @@ def check_codes(
     pairs = [(torch_codes[name], got) for name, got in zip(order, onnx_codes)]
     quantizer_mismatches = 0
     with torch.no_grad():
-        for name, q_in, got in zip(order, onnx_q_inputs, onnx_codes):
+        for name, q_in, got, (lo, hi) in zip(order, onnx_q_inputs, onnx_codes, code_ranges):
             module = gm.get_submodule(name)
             deq = module(torch.from_numpy(np.asarray(q_in))).numpy()
-            expected = (got.astype(np.float32) - module.zero_point.float().numpy()) * module.scale.numpy()
+            scale = module.scale.numpy()
+            if lo is not None:  # the ReLU/Clip the lowering moved after the quantizer, on codes
+                deq = np.clip(deq, np.float32(lo) * scale, np.float32(hi) * scale)
+            expected = got.astype(np.float32) * scale
             quantizer_mismatches += int(np.count_nonzero(deq != expected))
     total = differing = max_diff = 0
     for codes, got in pairs:

@@ -39,6 +39,10 @@ class OpRule:
         inputs: the inputs that get Q/DQ.
         residual: an Add rule: quantize only the input(s) *not* produced by a quantized weighted op
             (so the Add fuses into that op); if both are, quantize input 1.
+        int8_kernel: the backend runs this op as an int8 kernel of its own that needs every input
+            and the output quantized (onnxruntime's QLinearAdd): when the op's output reaches a
+            quantized input (through ReLU/Clip and data movement), every input is quantized;
+            otherwise the ``residual`` rule applies.
         max_groups: ops with more groups than this stay in float (grouped ConvTranspose).
         unsupported: non-empty when the backend cannot run this op kind in this precision (e.g.
             NVFP4 on Conv): why. Such an op is an error unless the user asked for fallback.
@@ -46,6 +50,7 @@ class OpRule:
 
     inputs: tuple[InputRule, ...] = ()
     residual: bool = False
+    int8_kernel: bool = False
     max_groups: int | None = None
     unsupported: str = ""
 
@@ -55,7 +60,7 @@ class BackendRules:
     """A backend's rule set for one precision (a *recipe*).
 
     Attributes:
-        backend: backend name (``tensorrt``).
+        backend: backend name (``tensorrt``, ``onnxruntime``).
         precision: recipe name (``int8``, ``fp8``, ``w4a16``, ``nvfp4``, ``mxfp8``, ``mxfp4``).
         activation: the spec of every quantized activation (None: weight-only recipe).
         weight: the spec of every quantized weight; its axis is filled in per op: the output

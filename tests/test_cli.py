@@ -334,3 +334,35 @@ def test_override_matching_nothing_and_mxfp4_deploy_are_refused_up_front(model_f
     assert "override pattern(s) 'nosuch*' match no op (names look like 'linear' or 'net.0')" in err
     err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "mxfp4")
     assert "no MXFP4 path" in err and "--form reference" in err
+
+
+def test_lower_for_onnxruntime_and_fusion_report(model_file, calib_file, tmp_path, capsys):
+    out = tmp_path / "ort.onnx"
+    args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--backend", "onnxruntime"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "(onnxruntime int8, deploy form)" in printed
+    assert "onnxruntime: 3/3 weighted ops run as int8 kernels" in printed, printed
+    assert "quantizers bit-exact on identical input: yes" in printed
+    assert main(["inspect", str(out), "--backend", "onnxruntime"]) == 0
+    assert "QGemm×3" in capsys.readouterr().out
+    trt = tmp_path / "trt.onnx"
+    assert main(["lower", str(model_file), "-o", str(trt), "--calib", str(calib_file), "-q"]) == 0
+    assert main(["inspect", str(trt), "--backend", "onnxruntime"]) == 0
+    assert "float — int8 activations" in capsys.readouterr().out  # TensorRT form: s8 activations
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "fp8"], "backend onnxruntime has no precision 'fp8'"),
+        (["--form", "reference"], "unknown form 'reference'"),
+    ],
+)
+def test_onnxruntime_backend_bad_options(model_file, calib_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "x.onnx"
+    args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--backend", "onnxruntime"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

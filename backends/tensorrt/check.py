@@ -60,6 +60,11 @@ class InspectReport:
     def quantized_weighted(self) -> int:
         return sum(1 for _, _, q in self.weighted if q)
 
+    def headline(self) -> str:
+        q, n = self.quantized_weighted, len(self.weighted)
+        verdict = "OK" if not self.violations else f"{len(self.violations)} violation(s)"
+        return f"tensorrt rules: {verdict} ({q}/{n} weighted ops quantized)"
+
     def summary(self) -> str:
         q = self.quantized_weighted
         lines = [

@@ -64,6 +64,7 @@ _FLOAT_REASONS = {
     "BatchNormalization": "unfolded BatchNorm (fold-batchnorm refused it) runs in float",
     "Gelu": "activation: TensorRT fuses it into the preceding op's epilogue",
     "Relu": "activation: TensorRT fuses it into the preceding op's epilogue",
+    "Clip": "activation: TensorRT fuses it into the preceding op's epilogue",
     "Silu": "activation: TensorRT fuses it into the preceding op's epilogue",
     "Sigmoid": "activation: runs in float",
     "Tanh": "activation: runs in float",

@@ -1,0 +1,194 @@
+"""Lower an INT8 plan to the QDQ form onnxruntime's CPU provider fuses into int8 kernels.
+
+The graph is exported like the TensorRT lowering (``qgraph.backends._onnx``: weight codes as int8
+per-channel initializers, the same scales), then three onnx-ir rewrites give ORT what its int8
+kernels need:
+
+1. **uint8 activations.** Every activation QuantizeLinear/DequantizeLinear with int8 codes moves to
+   uint8 with the zero-point raised by 128 (symmetric int8 → zero-point 128). ``q_u8 = q_s8 + 128``
+   for every value and the dequantized values are equal: exact.
+2. **Quantizers before ReLU/Clip.** ``Relu → Q`` becomes ``Q → Clip(codes)``: the quantizer takes
+   the ReLU's input and the ReLU runs on the codes (``max(q, zero_point)``; a ``Clip(lo, hi)``
+   clips the codes to ``zp + round(lo/s)``, ``zp + round(hi/s)``). Rounding and saturation are
+   monotonic, so the codes are identical: exact. The Conv/Add before it now has a quantized
+   output, which is what ``QLinearConv``/``QLinearAdd`` need.
+3. **int32 biases.** A Conv/Gemm with dequantized input and weight gets its float bias as
+   ``DequantizeLinear(int32 codes, s_x · s_w)`` (what ``QLinearConv``/``QGemm`` take). Not exact:
+   each bias moves by at most half of ``s_x · s_w`` (far below one output step); a bias whose
+   codes would overflow int32 stays float.
+
+So the onnxruntime and TensorRT lowerings of one plan compute the same values up to that bias
+rounding, and float summation order once ORT runs fused int8 kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+import torch
+import torch.fx
+
+from qgraph._errors import QGraphError
+from qgraph.backends import _onnx
+from qgraph.backends._onnx import const_array
+from qgraph.backends.onnxruntime.rules import OPSET
+from qgraph.quant import FakeQuant
+
+__all__ = ["lower", "to_onnxruntime", "ort_runnable", "FORMS", "REFERENCE_ONLY"]
+
+#: onnxruntime runs what it is given: the deploy form is its own reference.
+FORMS = ("deploy",)
+
+#: recipes with no deploy form (none: every INT8 plan lowers).
+REFERENCE_ONLY: dict[str, str] = {}
+
+_INT32 = np.iinfo(np.int32)
+
+
+def ort_runnable(gm: torch.fx.GraphModule) -> bool:  # noqa: ARG001 - same contract as tensorrt
+    """onnxruntime runs every lowering of this backend."""
+    return True
+
+
+def lower(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], form: str = "deploy") -> bytes:
+    """Export ``gm`` (after ``insert-qdq``, INT8 quantizers only) as ORT-fusable QDQ ONNX bytes.
+
+    Any INT8 plan lowers (a TensorRT plan too: Convs without a quantized output then stay float
+    in ORT; ``qgraph inspect --backend onnxruntime`` says which and why).
+    """
+    if form not in FORMS:
+        raise QGraphError(f"unknown form {form!r} for onnxruntime (known: {', '.join(FORMS)})")
+    other = sorted({m.spec.describe() for m in gm.modules() if isinstance(m, FakeQuant) and not m.spec.is_int8})
+    if other:
+        raise QGraphError(
+            f"the onnxruntime backend lowers INT8 plans only (its CPU int8 kernels); this graph has {other[0]}"
+        )
+    model = _onnx.export_onnx(gm, example_inputs, opset=OPSET, form="deploy")
+    to_onnxruntime(model)
+    return _onnx.serialize(model)
+
+
+def to_onnxruntime(model: ir.Model) -> dict[str, int]:
+    """The three rewrites of the module docstring, in place; returns how many of each were made."""
+    counts = {
+        "uint8 activations": _activations_to_uint8(model.graph),
+        "quantizers moved before ReLU/Clip": _quantize_before_activations(model.graph),
+        "int32 biases": _int32_biases(model.graph),
+    }
+    ir_passes.RemoveUnusedNodesPass()(model)
+    return counts
+
+
+def _is_op(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _activations_to_uint8(graph: ir.Graph) -> int:
+    """int8 activation Q/DQ → uint8 with zero-point + 128 (exact)."""
+    new_zero_points: dict[bytes, ir.Value] = {}
+    changed = 0
+    for q in list(graph):
+        if not _is_op(q, "QuantizeLinear") or len(q.inputs) < 3 or const_array(q.inputs[0]) is not None:
+            continue
+        zp = const_array(q.inputs[2])
+        if zp is None or zp.dtype != np.int8:
+            continue
+        shifted = (zp.astype(np.int16) + 128).astype(np.uint8)
+        key = shifted.tobytes() + bytes(shifted.shape)
+        if key not in new_zero_points:
+            new_zero_points[key] = _onnx.add_initializer(graph, "zero_point_u8", shifted)
+        u8 = new_zero_points[key]
+        dequantizers = [use.node for use in q.outputs[0].uses()]
+        if not all(_is_op(d, "DequantizeLinear") and d.inputs[2] is q.inputs[2] for d in dequantizers):
+            continue  # codes read by something other than their DequantizeLinear: keep int8
+        q.replace_input_with(2, u8)
+        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+        for d in dequantizers:
+            d.replace_input_with(2, u8)
+        changed += 1
+    return changed
+
+
+def _code_bound(bound: np.ndarray | None, scale: np.float32, zp: int, qmin: int, qmax: int, default: int) -> int:
+    if bound is None:
+        return default
+    code = np.round(np.float32(bound.reshape(())) / scale) + zp  # what QuantizeLinear computes
+    return int(np.clip(code, qmin, qmax))
+
+
+def _quantize_before_activations(graph: ir.Graph) -> int:
+    """``Relu/Clip → Q`` → ``Q → Clip(codes)`` where the quantizer is per tensor (exact)."""
+    moved = 0
+    for act in list(graph):
+        if not (_is_op(act, "Relu") or _is_op(act, "Clip")) or act.outputs[0].is_graph_output():
+            continue
+        uses = list(act.outputs[0].uses())
+        if len(uses) != 1 or not _is_op(uses[0].node, "QuantizeLinear") or uses[0].idx != 0:
+            continue
+        q = uses[0].node
+        scale = const_array(q.inputs[1])
+        zp = const_array(q.inputs[2]) if len(q.inputs) > 2 else None
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1 or zp.dtype.kind not in "iu":
+            continue
+        if _is_op(act, "Relu"):
+            bounds: list[np.ndarray | None] = [np.zeros((), np.float32), None]
+        else:
+            extra = list(act.inputs[1:3]) + [None] * (3 - len(act.inputs))
+            bounds = [const_array(v) if v is not None else None for v in extra[:2]]
+            if any(v is not None and b is None for v, b in zip(extra[:2], bounds)):
+                continue  # a bound computed at run time
+        info = np.iinfo(zp.dtype)
+        s, z = np.float32(scale.reshape(())), int(zp.reshape(()))
+        lo = _code_bound(bounds[0], s, z, info.min, info.max, info.min)
+        hi = _code_bound(bounds[1], s, z, info.min, info.max, info.max)
+        q.replace_input_with(0, act.inputs[0])
+        readers = list(q.outputs[0].uses())
+        if lo > info.min or hi < info.max:
+            lo_value = _onnx.add_initializer(graph, f"{act.name or 'act'}_code_min", np.array(lo, zp.dtype))
+            hi_value = _onnx.add_initializer(graph, f"{act.name or 'act'}_code_max", np.array(hi, zp.dtype))
+            clip = ir.Node("", "Clip", [q.outputs[0], lo_value, hi_value], name=f"{act.name}_codes")
+            clip.outputs[0].name = f"{q.outputs[0].name}_clipped"
+            clip.outputs[0].type = q.outputs[0].type
+            clip.outputs[0].shape = q.outputs[0].shape
+            graph.insert_after(q, clip)
+            for use in readers:
+                use.node.replace_input_with(use.idx, clip.outputs[0])
+        graph.remove(act, safe=True)
+        moved += 1
+    return moved
+
+
+def _int32_biases(graph: ir.Graph) -> int:
+    """Float bias of a Conv/Gemm with quantized input and weight → DequantizeLinear(int32)."""
+    changed = 0
+    for node in list(graph):
+        if not (_is_op(node, "Conv") or _is_op(node, "Gemm")) or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        bias = const_array(node.inputs[2])
+        x_dq, w_dq = node.inputs[0].producer(), node.inputs[1].producer()
+        if bias is None or bias.dtype != np.float32 or bias.ndim != 1:
+            continue
+        if not (_is_op(x_dq, "DequantizeLinear") and _is_op(w_dq, "DequantizeLinear")):
+            continue
+        sx, sw = const_array(x_dq.inputs[1]), const_array(w_dq.inputs[1])
+        if sx is None or sw is None or sx.size != 1 or sw.size not in (1, bias.size):
+            continue
+        scale = np.ascontiguousarray(np.broadcast_to(sx.astype(np.float32) * sw.astype(np.float32), bias.shape))
+        codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+        if not (np.isfinite(codes).all() and (np.abs(codes) <= _INT32.max).all()):
+            continue  # the bias does not fit int32 at this scale: it stays float
+        base = node.inputs[2].name or f"{node.name}_bias"
+        inputs = [
+            _onnx.add_initializer(graph, f"{base}_int32", codes.astype(np.int32)),
+            _onnx.add_initializer(graph, f"{base}_scale", scale),
+            _onnx.add_initializer(graph, f"{base}_zero_point", np.zeros(bias.shape, np.int32)),
+        ]
+        dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", 0)], name=f"{node.name}_bias_dq")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = ir.Shape(bias.shape)
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dq.outputs[0])
+        changed += 1
+    return changed

@@ -1,0 +1,50 @@
+"""onnxruntime CPU rules, as data: the TensorRT INT8 plan plus what ORT's int8 kernels need.
+
+onnxruntime's CPU provider turns QDQ groups into int8 kernels when a whole group is quantized
+(its QDQ selectors): ``DQ(x), DQ(w), DQ(bias int32) → Conv → Q`` becomes ``QLinearConv``;
+``DQ, DQ → MatMul`` becomes ``MatMulIntegerToFloat`` (float output) or ``QLinearMatMul``;
+``DQ, DQ → Gemm`` becomes ``QGemm``; ``DQ, DQ → Add → Q`` becomes ``QLinearAdd``; Q/DQ around
+MaxPool and data movement are dropped. Its fast GEMM needs **uint8 activations × int8 weights**
+(u8×s8, VNNI); symmetric int8 activations mostly stay unfused (REFERENCE.md: 0.6–1.1× FP32).
+
+So the plan is TensorRT's (symmetric INT8, per-channel weights, the same observers and scales) with
+one difference, held in the ``Add`` rule: when an Add's output is quantized downstream (a ResNet
+block: ``Add → ReLU → next conv``), *both* of its inputs are quantized, so the Conv before it gets
+a quantized output (``QLinearConv``) and the Add becomes ``QLinearAdd``; otherwise (a transformer
+residual feeding LayerNorm) the Add keeps TensorRT's residual rule. The lowering
+(:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs, exactly: int8 zero-point
+0 → uint8 zero-point 128, quantizers moved before ReLU/Clip, int32 biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qgraph.backends.tensorrt import rules as trt
+from qgraph.rules import BackendRules, OpRule
+
+__all__ = ["INT8", "RULES", "OPSET", "WEIGHTED_KINDS"]
+
+#: opset of the lowering (ORT runs Q/DQ at any opset ≥ 13; one opset with the TensorRT backend).
+OPSET = trt.OPSET
+
+WEIGHTED_KINDS = trt.WEIGHTED_KINDS
+
+_FLOAT_REASONS = {
+    **trt.INT8.float_reasons,
+    "Relu": "activation: runs on the uint8 codes (the quantizer moves before it)",
+    "Clip": "activation: runs on the uint8 codes (the quantizer moves before it)",
+    "Gelu": "activation: runs in float between the int8 GEMMs",
+    "Softmax": "kept in float for accuracy",
+    "Attention": "fused attention op has no place for Q/DQ inside",
+}
+
+INT8 = dataclasses.replace(
+    trt.INT8,
+    backend="onnxruntime",
+    ops={**trt.INT8.ops, "Add": OpRule(residual=True, int8_kernel=True)},
+    float_reasons=_FLOAT_REASONS,
+)
+
+#: precision name → rule set (the recipes ``--precision`` selects).
+RULES = {"int8": INT8}

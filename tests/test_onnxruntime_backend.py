@@ -1,0 +1,205 @@
+"""onnxruntime backend: the plan, the exact u8 rewrite, int32 biases, the fusion report, the CLI."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from qgraph import Sequential, capture
+from qgraph._errors import QGraphError
+from qgraph.backends import _onnx, onnxruntime, tensorrt
+from qgraph.examples.zoo import ZOO, make
+from qgraph.parity import check_codes, check_parity
+from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ
+from qgraph.quant import QUANT_META
+
+ort_lower = sys.modules["qgraph.backends.onnxruntime.lower"]
+
+#: zoo model → int8 kernels ORT runs after optimisation (every weighted op, and the block Adds).
+EXPECTED_KERNELS = {
+    "rescnn": {"QLinearConv": 6, "QGemm": 1, "QLinearAdd": 2},
+    "depthwise": {"QLinearConv": 5, "QGemm": 1},
+    "transformer": {"MatMulIntegerToFloat": 5, "QLinearMatMul": 1},
+    "mlp": {"QGemm": 3},
+}
+
+
+@functools.cache
+def planned(name: str, backend: str = "onnxruntime"):
+    """(graph, batch) of a zoo model calibrated under ``backend``'s INT8 rules; cached."""
+    model, _ = make(name)
+    x = torch.randn((16, *ZOO[name][1]), generator=torch.Generator().manual_seed(3))
+    gm = capture(model, (x[:4],))
+    rules = onnxruntime.INT8 if backend == "onnxruntime" else tensorrt.INT8
+    Sequential([FoldBatchNorm(), Annotate(rules), InsertObservers("max"), Calibrate([x[:8], x[8:]]), InsertQDQ()])(gm)
+    return gm, x
+
+
+@functools.cache
+def lowered(name: str, backend: str = "onnxruntime") -> bytes:
+    gm, x = planned(name, backend)
+    return onnxruntime.lower(gm, (x[:2],))
+
+
+def _run(data: bytes, x: torch.Tensor, optimize: bool = False) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_weighted_op_becomes_an_int8_kernel(name):
+    report = onnxruntime.inspect_model(onnx.load_from_string(lowered(name)))
+    assert report.violations == []
+    assert report.weighted and report.quantized_weighted == len(report.weighted), report.summary()
+    for kernel, count in EXPECTED_KERNELS[name].items():
+        assert report.kernels.get(kernel) == count, report.summary()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_activations_are_uint8_weights_int8_per_channel(name):
+    proto = onnx.load_from_string(lowered(name))
+    onnx.checker.check_model(proto, full_check=True)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        codes = inits.get(node.input[0])
+        if codes is None:  # an activation
+            assert inits[node.input[2]].dtype == np.uint8 and (inits[node.input[2]] == 128).all()
+        elif codes.dtype == np.int8:  # a weight: per channel, zero-point 0
+            assert inits[node.input[1]].size > 1 and not inits[node.input[2]].any()
+        else:  # a bias: int32 codes at s_x * s_w
+            assert codes.dtype == np.int32
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_uint8_rewrite_and_moved_quantizers_are_exact(name):
+    """Without the bias step, the ORT form computes bit-identical outputs to the TensorRT form."""
+    gm, x = planned(name)
+    trt_form = tensorrt.lower(gm, (x[:2],))
+    model = ir.serde.deserialize_model(onnx.load_from_string(trt_form))
+    assert ort_lower._activations_to_uint8(model.graph) > 0
+    ort_lower._quantize_before_activations(model.graph)
+    rewritten = _onnx.serialize(model)
+    np.testing.assert_array_equal(_run(rewritten, x), _run(trt_form, x))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_same_outputs_as_tensorrt_lowering_of_the_plan(name):
+    """The whole ORT form vs the TensorRT form of one plan: only the int32 bias rounding differs
+    (at most half of s_x·s_w per bias); a value within that of a rounding boundary moves one code."""
+    gm, x = planned(name)
+    ours, theirs = _run(lowered(name), x), _run(tensorrt.lower(gm, (x[:2],)), x)
+    assert np.abs(ours - theirs).max() <= 0.01 * np.abs(theirs).max()
+    codes = check_codes(gm, lowered(name), (x,))
+    assert codes.quantizer_mismatches == 0  # ORT's quantizers are torch's, moved or not
+    assert codes.fraction_equal >= 0.98 and codes.max_diff <= 2, codes.summary()
+
+
+def test_optimized_int8_kernels_match_torch_fake_quant():
+    gm, x = planned("rescnn")
+    report = check_parity(gm, lowered("rescnn"), (x,))  # ORT session with optimisations on
+    assert report.max_relative <= 0.02, report.summary()
+
+
+def test_bias_codes_are_int32_at_the_product_scale():
+    proto = onnx.load_from_string(lowered("mlp"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    gm, _ = planned("mlp")
+    floats = {n: t.detach().numpy() for n, t in gm.named_parameters()} | {
+        n: t.numpy() for n, t in gm.named_buffers()
+    }
+    biases = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0, np.int8)).dtype == np.int32]
+    assert len(biases) == 3
+    for node in biases:
+        codes, scale = inits[node.input[0]], inits[node.input[1]]
+        original = next(v for k, v in floats.items() if k.endswith("bias") and v.shape == codes.shape and np.allclose(v, codes * scale, atol=scale.max()))
+        assert np.all(np.abs(codes * scale.astype(np.float64) - original) <= scale / 2 + 1e-12)
+
+
+def test_bias_that_overflows_int32_stays_float():
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 20})
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2]))
+    graph.inputs.append(x)
+    scale = _onnx.add_initializer(graph, "s", np.array(1e-6, np.float32))
+    zp = _onnx.add_initializer(graph, "z", np.array(0, np.int8))
+    w = _onnx.add_initializer(graph, "w", np.ones((2, 2), np.int8))
+    ws = _onnx.add_initializer(graph, "ws", np.full(2, 1e-6, np.float32))
+    wz = _onnx.add_initializer(graph, "wz", np.zeros(2, np.int8))
+    b = _onnx.add_initializer(graph, "b", np.array([1.0, 1e6], np.float32))
+    q = ir.Node("", "QuantizeLinear", [x, scale, zp])
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zp])
+    wdq = ir.Node("", "DequantizeLinear", [w, ws, wz], attributes=[ir.AttrInt64("axis", 0)])
+    gemm = ir.Node("", "Gemm", [dq.outputs[0], wdq.outputs[0], b], attributes=[ir.AttrInt64("transB", 1)])
+    for node in (q, dq, wdq, gemm):
+        graph.append(node)
+    assert ort_lower._int32_biases(graph) == 0  # 1e6 / 1e-12 does not fit int32
+    assert gemm.inputs[2] is b
+
+
+def test_relu6_becomes_a_clip_on_codes():
+    proto = onnx.load_from_string(lowered("depthwise"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert clips and not any(n.op_type == "Relu" for n in proto.graph.node)
+    for clip in clips:
+        lo, hi = (inits[i] for i in clip.input[1:3])
+        assert lo.dtype == hi.dtype == np.uint8 and lo == 128 and 128 < hi <= 255
+
+
+def test_plan_quantizes_both_inputs_of_a_block_add_only_when_its_output_is_quantized():
+    gm, _ = planned("rescnn")
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert adds and all(sorted(n.meta[QUANT_META]) == [0, 1] for n in adds)
+    gm, _ = planned("transformer")  # residual Adds feed LayerNorm: TensorRT's rule, one input
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target) and n.meta.get(QUANT_META)]
+    assert adds and all(len(n.meta[QUANT_META]) == 1 for n in adds)
+
+
+def test_tensorrt_plan_report_names_the_convs_left_float_and_why():
+    report = onnxruntime.inspect_model(onnx.load_from_string(lowered("rescnn", backend="tensorrt")))
+    left = [name for name, _, kernel in report.weighted if not kernel]
+    assert 0 < len(left) < len(report.weighted)
+    assert all("output is not quantized" in report.reasons[name] for name in left)
+    assert "float —" in report.summary()
+
+
+def test_tensorrt_form_report_says_activations_must_be_uint8():
+    gm, x = planned("rescnn")
+    report = onnxruntime.inspect_model(onnx.load_from_string(tensorrt.lower(gm, (x[:2],))))
+    assert any("uint8 activations" in why for why in report.reasons.values()), report.summary()
+
+
+def test_non_int8_plans_are_refused():
+    model, _ = make("mlp")
+    x = torch.randn(8, 64)
+    gm = capture(model, (x[:4],))
+    Sequential([Annotate(tensorrt.FP8), InsertObservers("max"), Calibrate([x]), InsertQDQ()])(gm)
+    with pytest.raises(QGraphError, match="INT8 plans only"):
+        onnxruntime.lower(gm, (x[:2],))
+    with pytest.raises(QGraphError, match="unknown form"):
+        onnxruntime.lower(gm, (x[:2],), form="reference")
+
+
+def test_lowering_is_deterministic():
+    gm, x = planned("rescnn")
+    assert onnxruntime.lower(gm, (x[:2],)) == lowered("rescnn")
+
+
+def test_report_on_a_model_ort_cannot_load():
+    proto = onnx.load_from_string(lowered("mlp"))
+    proto.graph.node[0].op_type = "NoSuchOp"
+    report = onnxruntime.inspect_model(proto)
+    assert report.violations and "cannot load" in report.violations[0]
