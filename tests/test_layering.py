@@ -47,8 +47,10 @@ def test_one_import_root(tmp_path):
     is not on sys.path.
     """
     code = (
-        "import importlib.util as u, qgraph.passes, qgraph.backends.tensorrt;"
-        "print(u.find_spec('passes'), u.find_spec('backends'), qgraph.passes.__name__)"
+        "import importlib.util as u, qgraph.passes, qgraph.backends.tensorrt, qgraph.backends.onnxruntime;"
+        "import onnxruntime;"  # the backend folder named onnxruntime does not shadow the runtime
+        "print(u.find_spec('passes'), u.find_spec('backends'), qgraph.passes.__name__,"
+        " hasattr(onnxruntime, 'InferenceSession'))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None", "None", "qgraph.passes"]
+    assert out.stdout.split() == ["None", "None", "qgraph.passes", "True"]
