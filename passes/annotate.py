@@ -7,6 +7,9 @@ For every ``call_function`` node, the op kind is looked up in the rules:
   * MatMul gets a weight spec on a constant input and activation specs otherwise;
   * an Add with a residual rule gets a spec on the input that is *not* the output of a quantized
     weighted op (so the Add fuses into it); an Add with no such producer stays in float;
+  * an op the backend runs as an int8 kernel of its own (``int8_kernel``: onnxruntime's
+    QLinearAdd) gets specs on both inputs when every use of its output is a quantized input
+    (seen through ReLU/Clip and data movement); otherwise its residual rule applies;
   * pooling gets an activation spec on its input;
   * everything else stays in float, with the reason recorded.
 
@@ -156,6 +159,12 @@ class Annotate(Pass):
             return self._plan_int8_kernel(node, rules)
         if rule.residual:
             return self._plan_residual(node, rules)
+        if rule.int8_kernel:
+            return {}, "its output feeds float ops (its int8 kernel needs a quantized output)"
+        if rule.needs_weight and not any(
+            isinstance(a, torch.fx.Node) and is_constant(self._through_quantizers(a)) for a in node.args[:2]
+        ):
+            return {}, rule.needs_weight
         if rule.max_groups is not None and _groups(node) > rule.max_groups:
             return {}, f"groups={_groups(node)} (per-channel weight scales need groups<={rule.max_groups})"
         specs: dict[int, QSpec] = {}
@@ -173,7 +182,7 @@ class Annotate(Pass):
                 specs[inp.index] = _weight_spec(self._gm, arg, inp.weight_axis, rules)
             elif rules.activation is not None:
                 _check_dynamic(arg, rules.activation)
-                specs[inp.index] = rules.activation
+                specs[inp.index] = self._activation_spec(arg, rules)
         if specs and rules.activation is not None and all(s.role == "weight" for s in specs.values()):
             return {}, "all inputs are constants"
         return specs, ""
@@ -191,7 +200,7 @@ class Annotate(Pass):
         targets = [1] if all(fused) else [i for i, f in enumerate(fused) if not f]
         if rules.activation is None:
             return {}, f"{rules.precision} quantizes no activations"
-        return {i: rules.activation for i in targets}, ""
+        return {i: self._activation_spec(args[i], rules) for i in targets}, ""
 
     def _plan_int8_kernel(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
         """Every tensor input of an op the backend runs as its own int8 kernel (QLinearAdd)."""
@@ -200,7 +209,7 @@ class Annotate(Pass):
             return self._plan_residual(node, rules)
         if rules.activation is None:
             return {}, f"{rules.precision} quantizes no activations"
-        return {0: rules.activation, 1: rules.activation}, ""
+        return {i: self._activation_spec(a, rules) for i, a in enumerate(args)}, ""
 
     def _feeds_quantized_input(self, node: torch.fx.Node, rules: BackendRules) -> bool:
         """Whether every use of ``node``'s output is an input ``rules`` quantize, seen through
@@ -221,6 +230,31 @@ class Annotate(Pass):
             return True
         positions = {i for i, a in enumerate(user.args) if a is value}
         return any(r.index in positions and r.role != "weight" for r in rule.inputs)
+
+    def _activation_spec(self, arg: torch.fx.Node, rules: BackendRules) -> QSpec:
+        if rules.nonnegative_activation is not None and self._nonnegative(arg):
+            return rules.nonnegative_activation
+        return rules.activation
+
+    def _nonnegative(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` cannot be negative: a ReLU (or a Clip with a lower bound >= 0), or
+        pooling / data movement of such a value."""
+        node = self._through_quantizers(node)
+        kind = op_kind(node)
+        if kind == "Relu":
+            return True
+        if kind == "Clip":
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
+            if "hardtanh" in str(node.target) and low is None:
+                low = -1.0  # hardtanh's default lower bound
+            return isinstance(low, (int, float)) and low >= 0
+        if kind in ("MaxPool", "AveragePool", "GlobalAveragePool") or (kind in DATA_MOVEMENT and kind != "Concat"):
+            source = node.args[0] if node.args else None
+            return isinstance(source, torch.fx.Node) and self._nonnegative(source)
+        if kind == "Concat":
+            parts = node.args[0] if node.args else ()
+            return bool(parts) and all(isinstance(p, torch.fx.Node) and self._nonnegative(p) for p in parts)
+        return False
 
     def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
         return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))

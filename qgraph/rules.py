@@ -43,6 +43,8 @@ class OpRule:
             and the output quantized (onnxruntime's QLinearAdd): when the op's output reaches a
             quantized input (through ReLU/Clip and data movement), every input is quantized;
             otherwise the ``residual`` rule applies.
+        needs_weight: non-empty when the op is quantized only with a constant (weight) input;
+            an op of two activations then stays in float for this reason.
         max_groups: ops with more groups than this stay in float (grouped ConvTranspose).
         unsupported: non-empty when the backend cannot run this op kind in this precision (e.g.
             NVFP4 on Conv): why. Such an op is an error unless the user asked for fallback.
@@ -51,6 +53,7 @@ class OpRule:
     inputs: tuple[InputRule, ...] = ()
     residual: bool = False
     int8_kernel: bool = False
+    needs_weight: str = ""
     max_groups: int | None = None
     unsupported: str = ""
 
@@ -70,6 +73,10 @@ class BackendRules:
         float_reasons: op kind → why it stays in float (for the summary).
         fallback: the rule set an unsupported op runs in when the user allows fallback
             (None: float), e.g. FP8 for NVFP4 on a Conv.
+        nonnegative_activation: the spec of an activation that cannot be negative (the output of
+            a ReLU, or of pooling/data movement of one), when the backend has a better one than
+            ``activation`` (onnxruntime: uint8 over [0, amax], twice the steps, and ORT drops the
+            ReLU); None: ``activation``.
     """
 
     backend: str
@@ -80,6 +87,7 @@ class BackendRules:
     weighted_kinds: frozenset[str]
     float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fallback: BackendRules | None = None
+    nonnegative_activation: QSpec | None = None
 
     def weight_spec(self, channel_axis: int | None, reduction_axis: int | None = None) -> QSpec:
         """The weight spec on one op: blocked specs run along ``reduction_axis``."""

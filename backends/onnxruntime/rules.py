@@ -7,13 +7,23 @@ onnxruntime's CPU provider turns QDQ groups into int8 kernels when a whole group
 MaxPool and data movement are dropped. Its fast GEMM needs **uint8 activations × int8 weights**
 (u8×s8, VNNI); symmetric int8 activations mostly stay unfused (REFERENCE.md: 0.6–1.1× FP32).
 
-So the plan is TensorRT's (symmetric INT8, per-channel weights, the same observers and scales) with
-one difference, held in the ``Add`` rule: when an Add's output is quantized downstream (a ResNet
-block: ``Add → ReLU → next conv``), *both* of its inputs are quantized, so the Conv before it gets
-a quantized output (``QLinearConv``) and the Add becomes ``QLinearAdd``; otherwise (a transformer
-residual feeding LayerNorm) the Add keeps TensorRT's residual rule. The lowering
-(:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs, exactly: int8 zero-point
-0 → uint8 zero-point 128, quantizers moved before ReLU/Clip, int32 biases.
+So the plan is TensorRT's (INT8, per-channel weights, the same observers and ranges) with these
+differences, all held as rule data:
+
+* the ``Add`` rule: when every use of an Add's output is quantized (a ResNet block:
+  ``Add → ReLU → next conv``), *both* of its inputs are quantized, so the Conv before it gets a
+  quantized output (``QLinearConv``) and the Add becomes ``QLinearAdd``; otherwise (a transformer
+  residual feeding LayerNorm) the Add stays float with float inputs: ORT has no kernel it would
+  fuse into (TensorRT's residual rule would only add a Q/DQ round trip);
+* ``MatMul`` of two activations (attention's q·kᵀ and p·v) stays float: it needs both operands
+  and the softmax quantized per call, which costs more than its int8 GEMM saves (MiniLM);
+* ``nonnegative_activation``: a value that cannot be negative (a ReLU/ReLU6 output, pooled or
+  reshaped) is quantized as uint8 over [0, amax] — twice TensorRT's steps on the same range — and
+  ORT drops the ReLU before it (the quantizer's clamp at 0 is the ReLU).
+
+The lowering (:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs, exactly:
+int8 zero-point 0 → uint8 zero-point 128, quantizers moved before ReLU/Clip, int32 biases. It
+lowers a TensorRT plan as well (the u8 rewrite is exact: same outputs as the TensorRT lowering).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 
 from qgraph.backends.tensorrt import rules as trt
-from qgraph.rules import BackendRules, OpRule
+from qgraph.quant import QSpec
+from qgraph.rules import OpRule
 
 __all__ = ["INT8", "RULES", "OPSET", "WEIGHTED_KINDS"]
 
@@ -42,8 +53,17 @@ _FLOAT_REASONS = {
 INT8 = dataclasses.replace(
     trt.INT8,
     backend="onnxruntime",
-    ops={**trt.INT8.ops, "Add": OpRule(residual=True, int8_kernel=True)},
+    ops={
+        **trt.INT8.ops,
+        "Add": OpRule(int8_kernel=True),
+        "MatMul": dataclasses.replace(
+            trt.INT8.ops["MatMul"],
+            needs_weight="a MatMul of two activations (attention) stays float: quantizing both "
+            "operands costs more than its int8 GEMM saves on CPU",
+        ),
+    },
     float_reasons=_FLOAT_REASONS,
+    nonnegative_activation=QSpec("uint8", "activation"),
 )
 
 #: precision name → rule set (the recipes ``--precision`` selects).
