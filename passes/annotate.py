@@ -29,6 +29,7 @@ Recipes beyond INT8 add two things:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from typing import Literal
@@ -232,29 +233,30 @@ class Annotate(Pass):
         return any(r.index in positions and r.role != "weight" for r in rule.inputs)
 
     def _activation_spec(self, arg: torch.fx.Node, rules: BackendRules) -> QSpec:
-        if rules.nonnegative_activation is not None and self._nonnegative(arg):
-            return rules.nonnegative_activation
-        return rules.activation
+        low = self._lower_bound(arg) if rules.bounded_activation is not None else None
+        if low is None:
+            return rules.activation
+        return dataclasses.replace(rules.bounded_activation, low=low)
 
-    def _nonnegative(self, node: torch.fx.Node) -> bool:
-        """Whether ``node`` cannot be negative: a ReLU (or a Clip with a lower bound >= 0), or
-        pooling / data movement of such a value."""
+    def _lower_bound(self, node: torch.fx.Node) -> float | None:
+        """A value ``node`` cannot go below, known from the op that makes it, or None."""
         node = self._through_quantizers(node)
         kind = op_kind(node)
-        if kind == "Relu":
-            return True
+        if kind in _LOWER_BOUNDS:
+            return _LOWER_BOUNDS[kind]
         if kind == "Clip":
             low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
-            if "hardtanh" in str(node.target) and low is None:
-                low = -1.0  # hardtanh's default lower bound
-            return isinstance(low, (int, float)) and low >= 0
+            if low is None and "hardtanh" in str(node.target):
+                low = -1.0  # hardtanh's default
+            return float(low) if isinstance(low, (int, float)) else None
         if kind in ("MaxPool", "AveragePool", "GlobalAveragePool") or (kind in DATA_MOVEMENT and kind != "Concat"):
             source = node.args[0] if node.args else None
-            return isinstance(source, torch.fx.Node) and self._nonnegative(source)
+            return self._lower_bound(source) if isinstance(source, torch.fx.Node) else None
         if kind == "Concat":
             parts = node.args[0] if node.args else ()
-            return bool(parts) and all(isinstance(p, torch.fx.Node) and self._nonnegative(p) for p in parts)
-        return False
+            bounds = [self._lower_bound(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+            return min(bounds) if bounds and None not in bounds else None
+        return None
 
     def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
         return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))
@@ -267,6 +269,11 @@ class Annotate(Pass):
         ):
             node = node.args[0]
         return node
+
+
+#: Lower bounds of op outputs: GELU's minimum is x·Φ(x) at x ≈ −0.752, −0.16997 (its tanh
+#: approximation: −0.17004); the bound is taken just below both.
+_LOWER_BOUNDS = {"Relu": 0.0, "Sigmoid": 0.0, "Softmax": 0.0, "Gelu": -0.1701}
 
 
 class _Unsupported(Exception):

@@ -46,6 +46,10 @@ class QSpec:
             scales times an FP32 per-tensor scale); ``e8m0`` (MX: powers of two).
         dynamic: block scales computed at run time from the tensor itself (NVFP4 and MX
             activations); only the NVFP4 per-tensor scale is calibrated.
+        low: a lower bound the values cannot go below, known from the op that makes them
+            (ReLU 0, GELU −0.17): an INT8/UINT8 activation then spans [low, amax] instead of
+            [−amax, amax] — scale ``(amax − low) / (qmax − qmin)``, zero-point
+            ``qmin + round(−low / scale)`` — twice the steps of a symmetric range for a ReLU.
     """
 
     dtype: str = "int8"
@@ -55,6 +59,7 @@ class QSpec:
     block_size: int | None = None
     scale_type: Literal["float32", "fp8_e4m3", "e8m0"] = "float32"
     dynamic: bool = False
+    low: float | None = None
 
     def __post_init__(self) -> None:
         formats.element(self.dtype)  # raises ValueError naming the known element types
@@ -295,7 +300,11 @@ class FakeQuant(torch.nn.Module):
             # every rank widens to the same range (DDP would otherwise keep rank 0's or diverge)
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
         spec = self.spec
-        if spec.is_int8:
+        if spec.is_int8 and spec.low is not None:
+            scale = torch.maximum(self.scale, bounded_range(amax, spec)[0])
+            self.scale.copy_(scale)
+            self.zero_point.copy_(bounded_zero_point(scale, spec))
+        elif spec.is_int8:
             self.scale.copy_(torch.maximum(self.scale, symmetric_scale(amax, spec)))
         elif spec.dynamic and spec.scale_type == "fp8_e4m3":
             self.global_scale.copy_(torch.maximum(self.global_scale, qops.nvfp4_global_scale(amax)))
@@ -306,6 +315,8 @@ class FakeQuant(torch.nn.Module):
     def for_activation(cls, spec: QSpec, amax: float | Tensor) -> "FakeQuant":
         """The quantizer of an activation whose calibrated clipping threshold is ``amax``."""
         amax = torch.as_tensor(amax, dtype=torch.float32)
+        if spec.is_int8 and spec.low is not None:
+            return cls(spec, *bounded_range(amax, spec))
         if spec.is_int8:
             return cls(spec, symmetric_scale(amax, spec))
         if spec.dynamic:  # block scales at run time; NVFP4 keeps a calibrated per-tensor scale
@@ -400,6 +411,19 @@ def refresh_weight_scales(gm: torch.nn.Module) -> int:
             refreshed += 1
     return refreshed
 
+
+
+def bounded_range(amax: Tensor, spec: QSpec) -> tuple[Tensor, Tensor]:
+    """(scale, zero-point) covering [spec.low, amax] with every code of an INT8/UINT8 spec."""
+    amax = amax.detach().to(torch.float32)
+    scale = qops.positive((amax - spec.low).clamp(min=0) / float(spec.qmax - spec.qmin))
+    return scale, bounded_zero_point(scale, spec)
+
+
+def bounded_zero_point(scale: Tensor, spec: QSpec) -> Tensor:
+    """The code of 0 when the lowest code stands for ``spec.low``."""
+    z = spec.qmin + torch.round(-spec.low / scale)
+    return z.clamp(spec.qmin, spec.qmax).to(spec.torch_dtype)
 
 
 def symmetric_scale(amax: Tensor, spec: QSpec) -> Tensor:

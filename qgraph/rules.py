@@ -73,10 +73,11 @@ class BackendRules:
         float_reasons: op kind → why it stays in float (for the summary).
         fallback: the rule set an unsupported op runs in when the user allows fallback
             (None: float), e.g. FP8 for NVFP4 on a Conv.
-        nonnegative_activation: the spec of an activation that cannot be negative (the output of
-            a ReLU, or of pooling/data movement of one), when the backend has a better one than
-            ``activation`` (onnxruntime: uint8 over [0, amax], twice the steps, and ORT drops the
-            ReLU); None: ``activation``.
+        bounded_activation: the spec of an activation with a known lower bound (the output of
+            ReLU 0, ReLU6 0, GELU −0.17, Sigmoid/Softmax 0, or pooling/data movement of one), when
+            the backend has a better one than ``activation``: annotate fills in ``low``
+            (onnxruntime: uint8 over [low, amax], twice the steps of [−amax, amax] after a ReLU,
+            and ORT drops the ReLU); None: ``activation``.
     """
 
     backend: str
@@ -87,7 +88,7 @@ class BackendRules:
     weighted_kinds: frozenset[str]
     float_reasons: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fallback: BackendRules | None = None
-    nonnegative_activation: QSpec | None = None
+    bounded_activation: QSpec | None = None
 
     def weight_spec(self, channel_axis: int | None, reduction_axis: int | None = None) -> QSpec:
         """The weight spec on one op: blocked specs run along ``reduction_axis``."""

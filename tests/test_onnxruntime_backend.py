@@ -87,7 +87,10 @@ def test_activations_are_uint8_weights_int8_per_channel(name):
             assert inits[node.input[1]].size > 1 and not inits[node.input[2]].any()
         else:  # a bias: int32 codes at s_x * s_w
             assert codes.dtype == np.int32
-    assert zero_points == ({0, 128} if name in ("rescnn", "depthwise", "mlp") else {128})
+    if name == "transformer":  # the GELU output spans [-0.17, amax]: a small zero point
+        assert 128 in zero_points and any(0 < z < 128 for z in zero_points), zero_points
+    else:  # ReLU outputs span [0, amax]
+        assert zero_points == {0, 128}
 
 
 @pytest.mark.parametrize("plan", ["onnxruntime", "tensorrt"])
@@ -107,13 +110,14 @@ def test_uint8_rewrite_and_moved_quantizers_are_exact(name, plan):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_same_outputs_as_tensorrt_lowering_of_the_plan(name):
     """The whole ORT form vs the TensorRT form of one plan: only the int32 bias rounding differs
-    (at most half of s_x·s_w per bias); a value within that of a rounding boundary moves one code."""
+    (at most half of s_x·s_w per bias); a value within that of a rounding boundary moves one code,
+    and the layers after it can move a few (uint8 steps after a ReLU are half as wide)."""
     gm, x = planned(name)
     ours, theirs = _run(lowered(name), x), _run(tensorrt.lower(gm, (x[:2],)), x)
     assert np.abs(ours - theirs).max() <= 0.01 * np.abs(theirs).max()
     codes = check_codes(gm, lowered(name), (x,))
     assert codes.quantizer_mismatches == 0  # ORT's quantizers are torch's, moved or not
-    assert codes.fraction_equal >= 0.98 and codes.max_diff <= 2, codes.summary()
+    assert codes.fraction_equal >= 0.98 and codes.max_diff <= 4, codes.summary()
 
 
 def test_optimized_int8_kernels_match_torch_fake_quant():

@@ -17,9 +17,10 @@ differences, all held as rule data:
   fuse into (TensorRT's residual rule would only add a Q/DQ round trip);
 * ``MatMul`` of two activations (attention's q·kᵀ and p·v) stays float: it needs both operands
   and the softmax quantized per call, which costs more than its int8 GEMM saves (MiniLM);
-* ``nonnegative_activation``: a value that cannot be negative (a ReLU/ReLU6 output, pooled or
-  reshaped) is quantized as uint8 over [0, amax] — twice TensorRT's steps on the same range — and
-  ORT drops the ReLU before it (the quantizer's clamp at 0 is the ReLU).
+* ``bounded_activation``: a value with a known lower bound (ReLU/ReLU6 0, GELU −0.17, pooled or
+  reshaped) is quantized as uint8 over [low, amax] — after a ReLU twice TensorRT's steps on the
+  same range, after a GELU nearly twice — and ORT drops the ReLU before it (the quantizer's clamp
+  at 0 is the ReLU).
 
 The lowering (:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs, exactly:
 int8 zero-point 0 → uint8 zero-point 128, quantizers moved before ReLU/Clip, int32 biases. It
@@ -63,7 +64,7 @@ INT8 = dataclasses.replace(
         ),
     },
     float_reasons=_FLOAT_REASONS,
-    nonnegative_activation=QSpec("uint8", "activation"),
+    bounded_activation=QSpec("uint8", "activation", symmetric=False),
 )
 
 #: precision name → rule set (the recipes ``--precision`` selects).
