@@ -10,6 +10,7 @@ from qgraph.passes.insert_distill_taps import InsertDistillTaps, RemoveDistillTa
 from qgraph.passes.insert_fake_quant import InsertFakeQuant
 from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
+from qgraph.passes.smooth_quant import SmoothQuant
 
 __all__ = [
     "PASSES",
@@ -21,11 +22,13 @@ __all__ = [
     "InsertObservers",
     "InsertQDQ",
     "RemoveDistillTaps",
+    "SmoothQuant",
 ]
 
 #: Pipeline-spec name → pass class. Extend by adding a line here, not by registration at import.
 PASSES = {
     "fold-batchnorm": FoldBatchNorm,
+    "smooth-quant": SmoothQuant,
     "annotate": Annotate,
     "insert-observers": InsertObservers,
     "calibrate": Calibrate,

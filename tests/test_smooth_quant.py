@@ -1,0 +1,162 @@
+"""smooth-quant: census, numerics (float function unchanged, INT8 error down), idempotence,
+near misses, verifier."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qgraph
+from qgraph import Sequential, capture
+from qgraph._errors import QGraphError
+from qgraph.backends import onnxruntime
+from qgraph.examples.zoo import make
+from qgraph.passes import Annotate, Calibrate, InsertObservers, InsertQDQ, SmoothQuant
+from qgraph.passes.smooth_quant import SMOOTHED_META
+
+
+class PostLN(nn.Module):
+    """BERT-style: the LayerNorm output feeds a Linear and the residual Add after it; channel 3
+    of the LayerNorm is an outlier (gain 30)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.norm.weight[3] = 30.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.inp(x))
+        return h + self.fc(h)
+
+
+def _post_ln(seed: int = 0):
+    torch.manual_seed(seed)
+    model = PostLN().eval()
+    x = torch.randn(32, 8, 16, generator=torch.Generator().manual_seed(seed + 1))
+    return model, x
+
+
+def _nodes(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def test_census_post_ln_gets_one_restoring_mul():
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    result = SmoothQuant([x[:16], x[16:]])(gm)
+    assert result.modified and result.counts == {"smoothed": 1}
+    (norm,) = _nodes(gm, torch.ops.aten.layer_norm.default)
+    (mul,) = _nodes(gm, torch.ops.aten.mul.Tensor)
+    assert norm.meta[SMOOTHED_META] and mul.args[0] is norm
+    add = _nodes(gm, torch.ops.aten.add.Tensor)[0]
+    assert mul in add.args and norm not in add.args  # the residual reads x, not x / s
+    linear = [u for u in norm.users if u.target is torch.ops.aten.linear.default]
+    assert len(linear) == 1  # fc reads the smoothed x / s
+
+
+def test_zoo_transformer_smooths_both_pre_ln_norms_without_muls():
+    model, x = make("transformer")
+    gm = capture(model, (x,))
+    assert SmoothQuant([x]).call(gm).counts == {"smoothed": 2}  # ln1 -> qkv, ln2 -> fc1
+    assert not _nodes(gm, torch.ops.aten.mul.Tensor)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_float_function_unchanged(alpha):
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x], alpha=alpha)(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_outlier_channel_flattened_and_int8_error_down():
+    model, x = _post_ln()
+    with torch.no_grad():
+        want = model(x)
+
+    def int8_error(smooth: bool) -> float:
+        gm = capture(model, (x[:4],))
+        passes = [SmoothQuant([x[:16]])] if smooth else []
+        passes += [Annotate(onnxruntime.INT8), InsertObservers("max"), Calibrate([x[:16]]), InsertQDQ()]
+        Sequential(passes)(gm)
+        with torch.no_grad():
+            return float((gm(x[16:]) - want[16:]).pow(2).mean())
+
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x])(gm)
+    norm = _nodes(gm, torch.ops.aten.layer_norm.default)[0]
+    weight = qgraph.graph.constant_value(gm, norm.args[2])
+    assert weight.abs().max() / weight.abs().median() < 6  # was 30: the outlier moved into fc
+    assert int8_error(True) < 0.5 * int8_error(False)
+
+
+def test_second_run_is_a_no_op():
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x])(gm)
+    before = copy.deepcopy(gm.state_dict())
+    again = SmoothQuant([x])(gm)
+    assert not again.modified and again.counts == {"smoothed": 0}
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+class _NearMiss(nn.Module):
+    """LayerNorms the pass must leave alone: one feeds only a GELU, one shares its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.gelu(self.a(x))  # no Linear reads this LayerNorm
+        z = nn.functional.layer_norm(x, (8,), self.a.weight, self.a.bias)  # shared weight
+        return y + self.fc(z)
+
+
+def test_near_misses_left_untouched():
+    model = _NearMiss().eval()
+    x = torch.randn(4, 8)
+    gm = capture(model, (x,))
+    before = copy.deepcopy(gm.state_dict())
+    result = SmoothQuant([x])(gm)
+    assert not result.modified
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_after_annotate_and_observers_refused():
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    Sequential([Annotate(onnxruntime.INT8), InsertObservers("max")])(gm)
+    assert not SmoothQuant([x])(gm).modified
+
+
+def test_verifier_and_bad_input():
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x])(gm)
+    qgraph.verify(gm)
+    with pytest.raises(QGraphError, match="needs calibration data"):
+        SmoothQuant([])(capture(model, (x[:4],)))
+    with pytest.raises(QGraphError, match="alpha must be in"):
+        SmoothQuant([x], alpha=1.5)
+    with pytest.raises(QGraphError, match="failed on calibration batch 0"):
+        SmoothQuant([torch.randn(2, 3)])(capture(model, (x[:4],)))
+
+
+def test_in_a_pipeline_spec():
+    from qgraph.passes import PASSES
+    from qgraph.pipeline import build_pipeline
+
+    model, x = _post_ln()
+    gm = capture(model, (x[:4],))
+    seq = build_pipeline("smooth-quant(alpha=0.7),annotate", PASSES, context={"data": [x], "rules": onnxruntime.INT8})
+    result = seq(gm)
+    assert result.counts["smooth-quant.smoothed"] == 1
