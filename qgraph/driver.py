@@ -164,7 +164,7 @@ def lower_file(
     if static_batch is not None:
         batch_size = static_batch  # the program was exported with a fixed batch: feed exactly that
     data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
-    spec = pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator)
+    spec = pipeline or getattr(module, "DEFAULT_PIPELINE", DEFAULT_PIPELINE).format(calibrator=calibrator)
     counts, seconds = quantize(
         gm,
         data,

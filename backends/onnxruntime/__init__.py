@@ -2,10 +2,11 @@
 
 from qgraph.backends.onnxruntime.fusion import INT8_KERNELS, FusionReport, inspect_model
 from qgraph.backends.onnxruntime.lower import FORMS, REFERENCE_ONLY, lower, ort_runnable, to_onnxruntime
-from qgraph.backends.onnxruntime.rules import INT8, OPSET, RULES, WEIGHTED_KINDS
+from qgraph.backends.onnxruntime.rules import DEFAULT_PIPELINE, INT8, OPSET, RULES, WEIGHTED_KINDS
 
 __all__ = [
     "RULES",
+    "DEFAULT_PIPELINE",
     "INT8",
     "OPSET",
     "WEIGHTED_KINDS",
