@@ -26,7 +26,7 @@ ort_lower = sys.modules["qgraph.backends.onnxruntime.lower"]
 EXPECTED_KERNELS = {
     "rescnn": {"QLinearConv": 6, "QGemm": 1, "QLinearAdd": 2},
     "depthwise": {"QLinearConv": 5, "QGemm": 1},
-    "transformer": {"MatMulIntegerToFloat": 4},  # the two attention MatMuls stay float (rule)
+    "transformer": {"QGemm": 4},  # linears on (rows, K); the two attention MatMuls stay float (rule)
     "mlp": {"QGemm": 3},
 }
 
@@ -229,3 +229,51 @@ def test_report_on_a_model_ort_cannot_load():
     proto.graph.node[0].op_type = "NoSuchOp"
     report = onnxruntime.inspect_model(proto)
     assert report.violations and "cannot load" in report.violations[0]
+
+
+def _matmul_model(dynamic_seq: bool) -> bytes:
+    """x (batch, seq, 8) → Q/DQ → MatMul(DQ(int8 (8, 4) per column)) → Add(bias) → y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    seq = "seq" if dynamic_seq else 5
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+        numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), "w"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.02, 4).astype(np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "zw"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=1),
+        helper.make_node("MatMul", ["xd", "wd"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
+
+
+@pytest.mark.parametrize("dynamic_seq", [False, True])
+def test_weight_matmuls_become_gemms_on_rows(dynamic_seq):
+    data = _matmul_model(dynamic_seq)
+    model = ir.serde.deserialize_model(onnx.load_from_string(data))
+    assert ort_lower._gemms_on_rows(model.graph) == 1
+    ops = [n.op_type for n in model.graph]
+    assert "MatMul" not in ops and "Add" not in ops and ops.count("Gemm") == 1  # bias in the Gemm
+    assert ("Shape" in ops) == dynamic_seq  # static dims past the batch: a constant target shape
+    rewritten = _onnx.serialize(model)
+    for shape in ((2, 5, 8), (3, 5, 8)) if not dynamic_seq else ((2, 5, 8), (1, 7, 8)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+        np.testing.assert_allclose(_run(rewritten, x), _run(data, x), rtol=1e-6, atol=1e-6)
+    assert ort_lower._int32_biases(model.graph) == 1  # what QGemm needs
+    report = onnxruntime.inspect_model(onnx.load_from_string(_onnx.serialize(model)))
+    assert report.weighted == [("mm", "Gemm", "QGemm")]

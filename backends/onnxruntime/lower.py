@@ -1,7 +1,7 @@
 """Lower an INT8 plan to the QDQ form onnxruntime's CPU provider fuses into int8 kernels.
 
 The graph is exported like the TensorRT lowering (``qgraph.backends._onnx``: weight codes as int8
-per-channel initializers, the same scales), then three onnx-ir rewrites give ORT what its int8
+per-channel initializers, the same scales), then four onnx-ir rewrites give ORT what its int8
 kernels need:
 
 1. **uint8 activations.** Every activation QuantizeLinear/DequantizeLinear with int8 codes moves to
@@ -12,7 +12,13 @@ kernels need:
    clips the codes to ``zp + round(lo/s)``, ``zp + round(hi/s)``). Rounding and saturation are
    monotonic, so the codes are identical: exact. The Conv/Add before it now has a quantized
    output, which is what ``QLinearConv``/``QLinearAdd`` need.
-3. **int32 biases.** A Conv/Gemm with dequantized input and weight gets its float bias as
+3. **GEMMs on rows.** A quantized activation of rank ≥ 3 read only by MatMuls with a constant
+   weight (a transformer's ``linear``) is reshaped to ``(rows, K)`` before its quantizer, each
+   MatMul (with the bias Add after it) becomes a Gemm, and a Reshape restores the shape: ORT runs
+   ``DQ → Gemm`` as ``QGemm`` (prepacked weights, the bias inside), where ``DQ → MatMul`` became
+   ``MatMulIntegerToFloat`` plus a separate bias Add (MiniLM: 125 → 100 ms). Per-tensor
+   quantization commutes with the reshape: exact.
+4. **int32 biases.** A Conv/Gemm with dequantized input and weight gets its float bias as
    ``DequantizeLinear(int32 codes, s_x · s_w)`` (what ``QLinearConv``/``QGemm`` take). Not exact:
    each bias moves by at most half of ``s_x · s_w`` (far below one output step); a bias whose
    codes would overflow int32 stays float.
@@ -70,10 +76,11 @@ def lower(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], fo
 
 
 def to_onnxruntime(model: ir.Model) -> dict[str, int]:
-    """The three rewrites of the module docstring, in place; returns how many of each were made."""
+    """The four rewrites of the module docstring, in place; returns how many of each were made."""
     counts = {
         "uint8 activations": _activations_to_uint8(model.graph),
         "quantizers moved before ReLU/Clip": _quantize_before_activations(model.graph),
+        "MatMuls as Gemms on rows": _gemms_on_rows(model.graph),
         "int32 biases": _int32_biases(model.graph),
     }
     ir_passes.RemoveUnusedNodesPass()(model)
@@ -157,6 +164,103 @@ def _quantize_before_activations(graph: ir.Graph) -> int:
         graph.remove(act, safe=True)
         moved += 1
     return moved
+
+
+def _weight_matmul(node: ir.Node, activation: ir.Value) -> bool:
+    """``MatMul(activation, DequantizeLinear(constant (K, N) codes))`` quantized per column."""
+    if not _is_op(node, "MatMul") or node.inputs[0] is not activation or node.outputs[0].is_graph_output():
+        return False
+    dq = node.inputs[1].producer()
+    codes = const_array(dq.inputs[0]) if _is_op(dq, "DequantizeLinear") else None
+    if codes is None or codes.ndim != 2:
+        return False
+    scale = const_array(dq.inputs[1])
+    axis = dq.attributes.get("axis")
+    return scale is not None and (scale.size == 1 or (axis is not None and axis.as_int() % 2 == 1))
+
+
+def _bias_add(matmul: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
+    """The ``Add`` of a constant (N,) bias that is the MatMul's only reader, and the bias."""
+    uses = list(matmul.outputs[0].uses())
+    if len(uses) != 1 or not _is_op(uses[0].node, "Add") or uses[0].node.outputs[0].is_graph_output():
+        return None, None
+    add = uses[0].node
+    bias = add.inputs[1 - uses[0].idx]
+    array = const_array(bias)
+    if array is None or array.shape != (n,) or array.dtype != np.float32:
+        return None, None
+    return add, bias
+
+
+def _gemms_on_rows(graph: ir.Graph) -> int:
+    """Rank ≥ 3 activations read only by weight MatMuls → ``(rows, K)`` Gemms (exact; see above)."""
+    changed = 0
+    for q in list(graph):
+        if not _is_op(q, "QuantizeLinear") or len(q.inputs) < 3:
+            continue
+        x, shape = q.inputs[0], q.inputs[0].shape
+        scale = const_array(q.inputs[1])
+        if shape is None or len(shape) < 3 or not isinstance(shape[-1], int) or scale is None or scale.size != 1:
+            continue
+        readers = [use.node for use in q.outputs[0].uses()]
+        if len(readers) != 1 or not _is_op(readers[0], "DequantizeLinear"):
+            continue
+        dq = readers[0]
+        matmuls = [use.node for use in dq.outputs[0].uses()]
+        if not matmuls or not all(_weight_matmul(m, dq.outputs[0]) for m in matmuls):
+            continue
+        k = shape[-1]
+        rows = ir.Node("", "Reshape", [x, _onnx.add_initializer(graph, "rows_shape", np.array([-1, k], np.int64))],
+                       name=f"{q.name}_rows")
+        rows.outputs[0].name = f"{x.name}_rows"
+        rows.outputs[0].type = x.type
+        graph.insert_before(q, rows)
+        q.replace_input_with(0, rows.outputs[0])
+        q.outputs[0].shape = dq.outputs[0].shape = None  # now (rows, K)
+        lead = _leading_shape(graph, x, q)
+        for matmul in matmuls:
+            n = int(const_array(matmul.inputs[1].producer().inputs[0]).shape[1])
+            add, bias = _bias_add(matmul, n)
+            gemm = ir.Node("", "Gemm", [dq.outputs[0], matmul.inputs[1]] + ([bias] if bias is not None else []),
+                           name=matmul.name)
+            gemm.outputs[0].name = f"{matmul.outputs[0].name}_rows"
+            gemm.outputs[0].type = matmul.outputs[0].type
+            last = add if add is not None else matmul
+            graph.insert_before(last, gemm)
+            target = _concat_shape(graph, lead, n, gemm)
+            back = ir.Node("", "Reshape", [gemm.outputs[0], target], name=f"{matmul.name}_unrows")
+            back.outputs[0].type = last.outputs[0].type
+            back.outputs[0].shape = last.outputs[0].shape
+            graph.insert_before(last, back)
+            last.outputs[0].replace_all_uses_with(back.outputs[0])
+            for old in (add, matmul):
+                if old is not None:
+                    graph.remove(old, safe=True)
+            changed += 1
+    return changed
+
+
+def _leading_shape(graph: ir.Graph, x: ir.Value, before: ir.Node) -> np.ndarray | ir.Value:
+    """x's dims but the last: a constant when they are static past the batch, else ``Shape(x)[:-1]``."""
+    dims = list(x.shape)[:-1]
+    if all(isinstance(d, int) for d in dims[1:]):
+        return np.array([-1, *dims[1:]], np.int64)
+    shape = ir.Node("", "Shape", [x], attributes=[ir.AttrInt64("end", -1)], name=f"{before.name}_lead")
+    shape.outputs[0].name = f"{x.name}_lead_shape"
+    shape.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+    graph.insert_before(before, shape)
+    return shape.outputs[0]
+
+
+def _concat_shape(graph: ir.Graph, lead: np.ndarray | ir.Value, n: int, before: ir.Node) -> ir.Value:
+    if isinstance(lead, np.ndarray):
+        return _onnx.add_initializer(graph, "unrows_shape", np.append(lead, n).astype(np.int64))
+    cat = ir.Node("", "Concat", [lead, _onnx.add_initializer(graph, "unrows_n", np.array([n], np.int64))],
+                  attributes=[ir.AttrInt64("axis", 0)], name=f"{before.name}_shape")
+    cat.outputs[0].name = f"{before.name}_shape"
+    cat.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+    graph.insert_before(before, cat)
+    return cat.outputs[0]
 
 
 def _int32_biases(graph: ir.Graph) -> int:
