@@ -281,7 +281,7 @@ def test_qat_under_onnxruntime_rules_lowers_to_int8_kernels_with_parity():
         torch.nn.functional.cross_entropy(gm(data[0]), target).backward()
         opt.step()
     gm.eval()
-    assert all(float(m.scale.min()) > 1e-4 for m in _quantizers(gm).values() if m.learnable)
+    assert all(float(m.scale.detach().min()) > 1e-4 for m in _quantizers(gm).values() if m.learnable)
     onnx_bytes = onnxruntime.lower(gm, (data[1],))
     report = onnxruntime.inspect_model(onnx.load_from_string(onnx_bytes))
     assert report.quantized_weighted == len(report.weighted) == 7, report.summary()
