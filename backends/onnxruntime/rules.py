@@ -44,8 +44,8 @@ WEIGHTED_KINDS = trt.WEIGHTED_KINDS
 
 _FLOAT_REASONS = {
     **trt.INT8.float_reasons,
-    "Relu": "activation: runs on the uint8 codes (the quantizer moves before it)",
-    "Clip": "activation: runs on the uint8 codes (the quantizer moves before it)",
+    "Relu": "activation: the quantizer after it moves before it; its clamp at zero is the ReLU",
+    "Clip": "activation: the quantizer after it moves before it and clips the codes",
     "Gelu": "activation: runs in float between the int8 GEMMs",
     "Softmax": "kept in float for accuracy",
     "Attention": "fused attention op has no place for Q/DQ inside",
