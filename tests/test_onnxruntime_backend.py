@@ -277,3 +277,40 @@ def test_weight_matmuls_become_gemms_on_rows(dynamic_seq):
     assert ort_lower._int32_biases(model.graph) == 1  # what QGemm needs
     report = onnxruntime.inspect_model(onnx.load_from_string(_onnx.serialize(model)))
     assert report.weighted == [("mm", "Gemm", "QGemm")]
+
+
+class _Branches(torch.nn.Module):
+    """Two conv branches concatenated, ReLU, a conv (Inception/DenseNet-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 1)
+        self.c = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_concat_of_conv_outputs_moves_codes_and_every_conv_fuses():
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    gm = capture(model, (x[:4],))
+    Sequential([Annotate(onnxruntime.INT8), InsertObservers("max"), Calibrate([x]), InsertQDQ()])(gm)
+    data = onnxruntime.lower(gm, (x[:2],))
+    proto = onnx.load_from_string(data)
+    (cat,) = [n for n in proto.graph.node if n.op_type == "Concat"]
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    assert [producers[i] for i in cat.input] == ["QuantizeLinear", "QuantizeLinear"]
+    report = onnxruntime.inspect_model(proto)
+    assert [k for _, _, k in report.weighted] == ["QLinearConv", "QLinearConv", ""], report.summary()
+    assert "float model output" in report.reasons[report.weighted[2][0]]
+    # exact apart from the int32 biases: compare with the TensorRT form, unoptimised
+    trt_form = _run(tensorrt.lower(gm, (x[:2],)), x)
+    assert np.abs(_run(data, x) - trt_form).max() <= 0.01 * np.abs(trt_form).max()
+    model_ir = ir.serde.deserialize_model(onnx.load_from_string(tensorrt.lower(gm, (x[:2],))))
+    ort_lower._activations_to_uint8(model_ir.graph)
+    ort_lower._quantize_before_activations(model_ir.graph)
+    assert ort_lower._quantize_concat_inputs(model_ir.graph) == 1
+    np.testing.assert_array_equal(_run(_onnx.serialize(model_ir), x), trt_form)

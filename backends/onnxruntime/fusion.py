@@ -179,6 +179,8 @@ def _why_float(node: ir.Node) -> str:
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     if node.op_type in ("Conv", "Gemm") and has_bias and _dq(node.inputs[2]) is None:
         return f"float bias: the int8 {node.op_type} kernel takes an int32 bias"
+    if node.op_type == "Conv" and node.outputs[0].is_graph_output():
+        return "its output is a float model output (QLinearConv's output is quantized)"
     if node.op_type == "Conv":
         users = [u.node.op_type for u in node.outputs[0].uses()]
         if users != ["QuantizeLinear"]:

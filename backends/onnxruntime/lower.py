@@ -11,7 +11,9 @@ kernels need:
    the ReLU's input and the ReLU runs on the codes (``max(q, zero_point)``; a ``Clip(lo, hi)``
    clips the codes to ``zp + round(lo/s)``, ``zp + round(hi/s)``). Rounding and saturation are
    monotonic, so the codes are identical: exact. The Conv/Add before it now has a quantized
-   output, which is what ``QLinearConv``/``QLinearAdd`` need.
+   output, which is what ``QLinearConv``/``QLinearAdd`` need. Likewise ``Concat → Q`` becomes a
+   ``Q`` (the same scale) on every input and a Concat of codes: exact, and the Convs that feed it
+   become ``QLinearConv``.
 3. **GEMMs on rows.** A quantized activation of rank ≥ 3 read only by MatMuls with a constant
    weight (a transformer's ``linear``) is reshaped to ``(rows, K)`` before its quantizer, each
    MatMul (with the bias Add after it) becomes a Gemm, and a Reshape restores the shape: ORT runs
@@ -80,6 +82,7 @@ def to_onnxruntime(model: ir.Model) -> dict[str, int]:
     counts = {
         "uint8 activations": _activations_to_uint8(model.graph),
         "quantizers moved before ReLU/Clip": _quantize_before_activations(model.graph),
+        "quantizers moved before Concat": _quantize_concat_inputs(model.graph),
         "MatMuls as Gemms on rows": _gemms_on_rows(model.graph),
         "int32 biases": _int32_biases(model.graph),
     }
@@ -162,6 +165,37 @@ def _quantize_before_activations(graph: ir.Graph) -> int:
             for use in readers:
                 use.node.replace_input_with(use.idx, clip.outputs[0])
         graph.remove(act, safe=True)
+        moved += 1
+    return moved
+
+
+def _quantize_concat_inputs(graph: ir.Graph) -> int:
+    """``Concat → Q`` → ``Q`` on every input, ``Concat`` of the codes (one scale: exact).
+
+    The ops that make the inputs (Convs) then have quantized outputs, what ``QLinearConv`` needs,
+    and the Concat moves codes instead of floats.
+    """
+    moved = 0
+    for cat in list(graph):
+        if not _is_op(cat, "Concat") or cat.outputs[0].is_graph_output():
+            continue
+        uses = list(cat.outputs[0].uses())
+        if len(uses) != 1 or not _is_op(uses[0].node, "QuantizeLinear") or uses[0].idx != 0:
+            continue
+        q = uses[0].node
+        scale = const_array(q.inputs[1])
+        if scale is None or scale.size != 1 or len(q.inputs) < 3 or const_array(q.inputs[2]) is None:
+            continue
+        for index, value in enumerate(list(cat.inputs)):
+            part = ir.Node("", "QuantizeLinear", [value, q.inputs[1], q.inputs[2]], name=f"{q.name}_{index}")
+            part.outputs[0].name = f"{q.outputs[0].name}_{index}"
+            part.outputs[0].type = q.outputs[0].type
+            part.outputs[0].shape = value.shape
+            graph.insert_before(cat, part)
+            cat.replace_input_with(index, part.outputs[0])
+        cat.outputs[0].type = q.outputs[0].type
+        q.outputs[0].replace_all_uses_with(cat.outputs[0])
+        graph.remove(q, safe=True)
         moved += 1
     return moved
 
