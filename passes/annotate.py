@@ -74,6 +74,7 @@ class Annotate(Pass):
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         self._gm = graph
+        self._feeds_memo = {}
         weighted = [n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds]
         self._ends = {"@first": weighted[:1], "@last": weighted[-1:]}
         self._matched: set[str] = set()
@@ -213,10 +214,12 @@ class Annotate(Pass):
         return {i: self._activation_spec(a, rules) for i, a in enumerate(args)}, ""
 
     def _feeds_quantized_input(self, node: torch.fx.Node, rules: BackendRules) -> bool:
-        """Whether every use of ``node``'s output is an input ``rules`` quantize, seen through
-        ReLU/Clip, data movement (not Concat) and quantizers already in the graph (an int8 kernel
-        needs its output read by a quantizer only)."""
-        return bool(node.users) and all(self._quantizes(user, node, rules) for user in node.users)
+        """Whether every use of ``node``'s output is an input that will be quantized, seen
+        through ReLU/Clip, data movement (not Concat) and quantizers already in the graph (an
+        int8 kernel needs its output read by a quantizer only)."""
+        if node not in self._feeds_memo:
+            self._feeds_memo[node] = bool(node.users) and all(self._quantizes(u, node, rules) for u in node.users)
+        return self._feeds_memo[node]
 
     def _quantizes(self, user: torch.fx.Node, value: torch.fx.Node, rules: BackendRules) -> bool:
         if user.op == "call_module":
@@ -224,11 +227,32 @@ class Annotate(Pass):
         kind = op_kind(user)
         if kind in ("Relu", "Clip") or (kind in DATA_MOVEMENT and kind != "Concat"):
             return self._feeds_quantized_input(user, rules)
+        names = {user.name, _module_path(user)}
+        for pattern, override in self.overrides:  # the user's own rule set (None: kept float)
+            hit = user in self._ends[pattern] if pattern in self._ends else any(
+                fnmatch.fnmatchcase(n, pattern) for n in names if n
+            )
+            if hit:
+                if override is None:
+                    return False
+                rules = override
+                break
         rule = rules.ops.get(kind) if kind else None
-        if rule is None or rule.unsupported:
+        if rule is None or rule.unsupported or rules.activation is None:
             return False
-        if rule.residual or rule.int8_kernel:
-            return True
+        if rule.int8_kernel:
+            return self._feeds_quantized_input(user, rules)
+        if rule.residual:
+            return True  # ``value`` is not a weighted op's output: the residual rule quantizes it
+        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]
+        if rule.needs_weight and not any(is_constant(a) for a in args):
+            return False
+        if rule.max_groups is not None and _groups(user) > rule.max_groups:
+            return False
+        for r in rule.inputs:
+            arg = args[r.index] if r.index < len(args) else None
+            if r.role == "weight" and not is_constant(arg):
+                return False  # the op stays float: its weight is not a constant
         positions = {i for i, a in enumerate(user.args) if a is value}
         return any(r.index in positions and r.role != "weight" for r in rule.inputs)
 
@@ -236,7 +260,9 @@ class Annotate(Pass):
         low = self._lower_bound(arg) if rules.bounded_activation is not None else None
         if low is None:
             return rules.activation
-        return dataclasses.replace(rules.bounded_activation, low=low)
+        # the range must hold 0 (its code is the zero-point): a positive bound (clamp(x, 2, 6))
+        # counts as 0, and average pooling's zero padding can reach 0 anyway
+        return dataclasses.replace(rules.bounded_activation, low=min(low, 0.0))
 
     def _lower_bound(self, node: torch.fx.Node) -> float | None:
         """A value ``node`` cannot go below, known from the op that makes it, or None."""

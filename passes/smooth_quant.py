@@ -73,6 +73,11 @@ class SmoothQuant(Pass):
                 logger.debug("not smoothing %s: %s", node.name, why)
         if not pairs:
             return PassResult(graph, False, {"smoothed": 0})
+        if iter(self.data) is self.data:
+            raise QGraphError(
+                "smooth-quant reads the calibration data before calibrate does: pass a list or "
+                "another re-iterable collection of batches, not a one-shot iterator"
+            )
         ranges = self._channel_ranges(graph, list(pairs))
         for norm, linears in pairs.items():
             self._smooth(graph, norm, linears, ranges[norm])

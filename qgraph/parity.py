@@ -143,32 +143,47 @@ def check_codes(
     for node in proto.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    q_names, q_inputs, zero_points, code_ranges = [], [], [], []
+    producers = {o: node for node in proto.graph.node for o in node.output}
+    q_names, q_parts, zero_points, code_ranges = [], [], [], []
+    grouped: set[str] = set()
     outputs = {o.name for o in proto.graph.output}
     for node in proto.graph.node:
-        if node.op_type == "QuantizeLinear":
-            zp = inits[node.input[2]].astype(np.int32) if len(node.input) > 2 and node.input[2] in inits else 0
-            codes, bounds = node.output[0], (None, None)
-            users = readers.get(codes, [])
-            # the onnxruntime lowering moves quantizers before a ReLU/Clip that then runs on codes
-            if len(users) == 1 and users[0].op_type == "Clip" and all(i in inits for i in users[0].input[1:3]):
-                codes = users[0].output[0]
-                bounds = tuple(int(inits[i]) - zp for i in users[0].input[1:3])
-            q_names.append(codes)
-            q_inputs.append(node.input[0])
-            zero_points.append(zp)
-            code_ranges.append(bounds)
-            for name in codes, node.input[0]:
-                if name not in outputs:
-                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
-                    outputs.add(name)
+        if node.op_type != "QuantizeLinear" or node.output[0] in grouped:
+            continue
+        zp = inits[node.input[2]].astype(np.int32) if len(node.input) > 2 and node.input[2] in inits else 0
+        codes, parts, bounds = node.output[0], ([node.input[0]], None), (None, None)
+        users = readers.get(codes, [])
+        # the onnxruntime lowering splits a quantizer after a Concat into one per input
+        if len(users) == 1 and users[0].op_type == "Concat":
+            members = [producers.get(i) for i in users[0].input]
+            if all(m is not None and m.op_type == "QuantizeLinear" and m.input[1:] == node.input[1:] for m in members):
+                axis = next((a.i for a in users[0].attribute if a.name == "axis"), 0)
+                codes, parts = users[0].output[0], ([m.input[0] for m in members], axis)
+                grouped.update(m.output[0] for m in members)
+                users = readers.get(codes, [])
+        # ... and moves quantizers before a ReLU/Clip that then runs on the codes
+        if len(users) == 1 and users[0].op_type == "Clip" and all(i in inits for i in users[0].input[1:3]):
+            codes = users[0].output[0]
+            bounds = tuple(int(inits[i]) - zp for i in users[0].input[1:3])
+        q_names.append(codes)
+        q_parts.append(parts)
+        zero_points.append(zp)
+        code_ranges.append(bounds)
+        for name in [codes, *parts[0]]:
+            if name not in outputs:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                outputs.add(name)
     sess = session(proto.SerializeToString())
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    fetched = dict(zip(q_names + q_inputs, sess.run(q_names + q_inputs, feeds))) if q_names else {}
+    wanted = list(dict.fromkeys(q_names + [n for names, _ in q_parts for n in names]))
+    fetched = dict(zip(wanted, sess.run(wanted, feeds))) if q_names else {}
     all_values = {**feeds, **fetched}
     # codes relative to their zero point: uint8 codes (zero point 128) compare with int8 ones
     onnx_codes = [fetched[n].astype(np.int32) - zp for n, zp in zip(q_names, zero_points)]
-    onnx_q_inputs = [all_values[n] for n in q_inputs]
+    onnx_q_inputs = [
+        all_values[names[0]] if axis is None else np.concatenate([all_values[n] for n in names], axis)
+        for names, axis in q_parts
+    ]
 
     # quantizers whose input is computed from constants alone (e.g. a transposed weight) are
     # folded into initializers at export: they have no QuantizeLinear left to compare with
@@ -221,7 +236,7 @@ def check_codes(
             quantizer_mismatches += int(np.count_nonzero(deq != expected))
     total = differing = max_diff = 0
     for codes, got in pairs:
-        if codes.shape != got.shape and codes.size == got.size:
+        if got.ndim == 2 and codes.ndim > 2 and got.shape == (codes.size // codes.shape[-1], codes.shape[-1]):
             got = got.reshape(codes.shape)  # the onnxruntime lowering quantizes (rows, K) views
         if codes.shape != got.shape:
             raise ValueError(f"quantizer shapes differ: torch {codes.shape}, ONNX {got.shape}")

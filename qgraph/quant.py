@@ -414,15 +414,16 @@ def refresh_weight_scales(gm: torch.nn.Module) -> int:
 
 
 def bounded_range(amax: Tensor, spec: QSpec) -> tuple[Tensor, Tensor]:
-    """(scale, zero-point) covering [spec.low, amax] with every code of an INT8/UINT8 spec."""
+    """(scale, zero-point) covering [min(spec.low, 0), amax] with every code of an INT8/UINT8
+    spec (the range always holds 0: its code is the zero-point; a positive bound counts as 0)."""
     amax = amax.detach().to(torch.float32)
-    scale = qops.positive((amax - spec.low).clamp(min=0) / float(spec.qmax - spec.qmin))
+    scale = qops.positive((amax - min(spec.low, 0.0)).clamp(min=0) / float(spec.qmax - spec.qmin))
     return scale, bounded_zero_point(scale, spec)
 
 
 def bounded_zero_point(scale: Tensor, spec: QSpec) -> Tensor:
-    """The code of 0 when the lowest code stands for ``spec.low``."""
-    z = spec.qmin + torch.round(-spec.low / scale)
+    """The code of 0 when the lowest code stands for ``min(spec.low, 0)``."""
+    z = spec.qmin + torch.round(-min(spec.low, 0.0) / scale)
     return z.clamp(spec.qmin, spec.qmax).to(spec.torch_dtype)
 
 

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import qgraph
 from qgraph import Sequential, capture
 from qgraph._errors import QGraphError
 from qgraph.backends import _onnx, onnxruntime, tensorrt
@@ -314,3 +315,93 @@ def test_concat_of_conv_outputs_moves_codes_and_every_conv_fuses():
     ort_lower._quantize_before_activations(model_ir.graph)
     assert ort_lower._quantize_concat_inputs(model_ir.graph) == 1
     np.testing.assert_array_equal(_run(_onnx.serialize(model_ir), x), trt_form)
+    codes = check_codes(gm, data, (x,))  # the split quantizer is compared as one
+    assert codes.quantizer_mismatches == 0 and codes.fraction_equal >= 0.98, codes.summary()
+
+
+def test_positive_lower_bound_keeps_zero_in_the_range():
+    """clamp(x, 2, 6) is bounded below by 2, but a range must hold 0 (its code is the zero point):
+    the quantizer spans [0, amax], not [0, amax - 2]."""
+
+    class Clamped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.clamp(self.a(x) * 4, 2.0, 6.0))
+
+    torch.manual_seed(0)
+    model, x = Clamped().eval(), torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    gm = capture(model, (x[:4],))
+    Sequential([Annotate(onnxruntime.INT8), InsertObservers("max"), Calibrate([x]), InsertQDQ()])(gm)
+    (fq,) = [m for m in gm.modules() if isinstance(m, qgraph.FakeQuant) and m.spec.low is not None]
+    assert fq.spec.low == 0.0 and int(fq.zero_point) == 0 and abs(float(fq.scale) * 255 - 6.0) < 1e-5
+    with torch.no_grad():
+        assert (gm(x) - model(x)).abs().max() <= 0.05 * model(x).abs().max()
+
+
+def test_add_stays_float_when_its_reader_is_kept_float_by_override():
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Conv2d(4, 4, 1) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.a(x) + self.b(x)))
+
+    x = torch.randn(2, 4, 5, 5)
+    for overrides, both in (((), True), ((("c", None),), False)):
+        gm = capture(Block().eval(), (x,))
+        Annotate(onnxruntime.INT8, overrides=overrides)(gm)
+        (add,) = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+        assert bool(add.meta.get(QUANT_META)) == both
+
+
+def _unnamed_relu_chain() -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "z")]
+    nodes, prev = [], "x"
+    for i in range(2):  # the Relus have no names: the Clips made for them must still be unique
+        nodes += [
+            helper.make_node("Relu", [prev], [f"r{i}"]),
+            helper.make_node("QuantizeLinear", [f"r{i}", "s", "z"], [f"q{i}"], name=f"q{i}"),
+            helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"d{i}"], name=f"d{i}"),
+            helper.make_node("Neg", [f"d{i}"], [f"n{i}"], name=f"n{i}"),
+        ]
+        prev = f"n{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [2, 4])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_rewrites_of_an_external_model_give_unique_node_names_and_the_same_outputs():
+    proto = _unnamed_relu_chain()
+    model = ir.serde.deserialize_model(proto)
+    counts = onnxruntime.to_onnxruntime(model)
+    assert counts["uint8 activations"] == 2 and counts["quantizers moved before ReLU/Clip"] == 2
+    data = _onnx.serialize(model)
+    names = [n.name for n in onnx.load_from_string(data).graph.node]
+    assert len(names) == len(set(names))
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)) * 3
+    np.testing.assert_array_equal(_run(data, x), _run(proto.SerializeToString(), x))
+
+
+def test_report_names_unnamed_nodes_without_collisions():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["a"], name="MatMul_2"),
+            helper.make_node("Relu", ["a"], ["b"], name="r"),
+            helper.make_node("MatMul", ["b", "W"], ["y"]),  # unnamed: would become MatMul_2
+        ],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w],
+    )
+    report = onnxruntime.inspect_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    assert report.violations == [] and len({name for name, _, _ in report.weighted}) == 2

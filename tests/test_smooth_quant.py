@@ -147,6 +147,8 @@ def test_verifier_and_bad_input():
         SmoothQuant([])(capture(model, (x[:4],)))
     with pytest.raises(QGraphError, match="alpha must be in"):
         SmoothQuant([x], alpha=1.5)
+    with pytest.raises(QGraphError, match="not a one-shot iterator"):
+        SmoothQuant(iter([x]))(capture(model, (x[:4],)))
     with pytest.raises(QGraphError, match="failed on calibration batch 0"):
         SmoothQuant([torch.randn(2, 3)])(capture(model, (x[:4],)))
 

@@ -99,10 +99,16 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose nodes all have unique names (ORT's optimised graph is matched by name)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    taken = {node.name for node in copy.graph.node if node.name}
     seen: set[str] = set()
     for i, node in enumerate(copy.graph.node):
         if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
+            name, k = f"{node.op_type}_{i}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{i}_{k}"
+            node.name = name
+            taken.add(name)
         seen.add(node.name)
     return copy
 

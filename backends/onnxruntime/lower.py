@@ -90,13 +90,24 @@ def to_onnxruntime(model: ir.Model) -> dict[str, int]:
     return counts
 
 
+def _node_name(graph: ir.Graph, base: str) -> str:
+    """A node name not used in ``graph`` yet (ORT refuses two nodes of one name)."""
+    taken = graph.meta.setdefault("qgraph.node_names", {n.name for n in graph if n.name})
+    name, i = base or "node", 0
+    while name in taken:
+        i += 1
+        name = f"{base or 'node'}_{i}"
+    taken.add(name)
+    return name
+
+
 def _is_op(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
 def _activations_to_uint8(graph: ir.Graph) -> int:
     """int8 activation Q/DQ → uint8 with zero-point + 128 (exact)."""
-    new_zero_points: dict[bytes, ir.Value] = {}
+    new_zero_points: dict[tuple, ir.Value] = {}
     changed = 0
     for q in list(graph):
         if not _is_op(q, "QuantizeLinear") or len(q.inputs) < 3 or const_array(q.inputs[0]) is not None:
@@ -104,8 +115,10 @@ def _activations_to_uint8(graph: ir.Graph) -> int:
         zp = const_array(q.inputs[2])
         if zp is None or zp.dtype != np.int8:
             continue
+        if q.outputs[0].is_graph_output():
+            continue  # the model's output type stays as it is
         shifted = (zp.astype(np.int16) + 128).astype(np.uint8)
-        key = shifted.tobytes() + bytes(shifted.shape)
+        key = (shifted.shape, shifted.tobytes())
         if key not in new_zero_points:
             new_zero_points[key] = _onnx.add_initializer(graph, "zero_point_u8", shifted)
         u8 = new_zero_points[key]
@@ -157,7 +170,7 @@ def _quantize_before_activations(graph: ir.Graph) -> int:
         if lo > info.min or hi < info.max:
             lo_value = _onnx.add_initializer(graph, f"{act.name or 'act'}_code_min", np.array(lo, zp.dtype))
             hi_value = _onnx.add_initializer(graph, f"{act.name or 'act'}_code_max", np.array(hi, zp.dtype))
-            clip = ir.Node("", "Clip", [q.outputs[0], lo_value, hi_value], name=f"{act.name}_codes")
+            clip = ir.Node("", "Clip", [q.outputs[0], lo_value, hi_value], name=_node_name(graph, f"{act.name}_codes"))
             clip.outputs[0].name = f"{q.outputs[0].name}_clipped"
             clip.outputs[0].type = q.outputs[0].type
             clip.outputs[0].shape = q.outputs[0].shape
@@ -186,8 +199,10 @@ def _quantize_concat_inputs(graph: ir.Graph) -> int:
         scale = const_array(q.inputs[1])
         if scale is None or scale.size != 1 or len(q.inputs) < 3 or const_array(q.inputs[2]) is None:
             continue
+        if q.outputs[0].is_graph_output():
+            continue
         for index, value in enumerate(list(cat.inputs)):
-            part = ir.Node("", "QuantizeLinear", [value, q.inputs[1], q.inputs[2]], name=f"{q.name}_{index}")
+            part = ir.Node("", "QuantizeLinear", [value, q.inputs[1], q.inputs[2]], name=_node_name(graph, f"{q.name}_{index}"))
             part.outputs[0].name = f"{q.outputs[0].name}_{index}"
             part.outputs[0].type = q.outputs[0].type
             part.outputs[0].shape = value.shape
@@ -245,7 +260,7 @@ def _gemms_on_rows(graph: ir.Graph) -> int:
             continue
         k = shape[-1]
         rows = ir.Node("", "Reshape", [x, _onnx.add_initializer(graph, "rows_shape", np.array([-1, k], np.int64))],
-                       name=f"{q.name}_rows")
+                       name=_node_name(graph, f"{q.name}_rows"))
         rows.outputs[0].name = f"{x.name}_rows"
         rows.outputs[0].type = x.type
         graph.insert_before(q, rows)
@@ -262,7 +277,7 @@ def _gemms_on_rows(graph: ir.Graph) -> int:
             last = add if add is not None else matmul
             graph.insert_before(last, gemm)
             target = _concat_shape(graph, lead, n, gemm)
-            back = ir.Node("", "Reshape", [gemm.outputs[0], target], name=f"{matmul.name}_unrows")
+            back = ir.Node("", "Reshape", [gemm.outputs[0], target], name=_node_name(graph, f"{matmul.name}_unrows"))
             back.outputs[0].type = last.outputs[0].type
             back.outputs[0].shape = last.outputs[0].shape
             graph.insert_before(last, back)
@@ -279,7 +294,7 @@ def _leading_shape(graph: ir.Graph, x: ir.Value, before: ir.Node) -> np.ndarray 
     dims = list(x.shape)[:-1]
     if all(isinstance(d, int) for d in dims[1:]):
         return np.array([-1, *dims[1:]], np.int64)
-    shape = ir.Node("", "Shape", [x], attributes=[ir.AttrInt64("end", -1)], name=f"{before.name}_lead")
+    shape = ir.Node("", "Shape", [x], attributes=[ir.AttrInt64("end", -1)], name=_node_name(graph, f"{before.name}_lead"))
     shape.outputs[0].name = f"{x.name}_lead_shape"
     shape.outputs[0].type = ir.TensorType(ir.DataType.INT64)
     graph.insert_before(before, shape)
@@ -290,7 +305,7 @@ def _concat_shape(graph: ir.Graph, lead: np.ndarray | ir.Value, n: int, before: 
     if isinstance(lead, np.ndarray):
         return _onnx.add_initializer(graph, "unrows_shape", np.append(lead, n).astype(np.int64))
     cat = ir.Node("", "Concat", [lead, _onnx.add_initializer(graph, "unrows_n", np.array([n], np.int64))],
-                  attributes=[ir.AttrInt64("axis", 0)], name=f"{before.name}_shape")
+                  attributes=[ir.AttrInt64("axis", 0)], name=_node_name(graph, f"{before.name}_shape"))
     cat.outputs[0].name = f"{before.name}_shape"
     cat.outputs[0].type = ir.TensorType(ir.DataType.INT64)
     graph.insert_before(before, cat)
@@ -322,7 +337,7 @@ def _int32_biases(graph: ir.Graph) -> int:
             _onnx.add_initializer(graph, f"{base}_scale", scale),
             _onnx.add_initializer(graph, f"{base}_zero_point", np.zeros(bias.shape, np.int32)),
         ]
-        dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", 0)], name=f"{node.name}_bias_dq")
+        dq = ir.Node("", "DequantizeLinear", inputs, attributes=[ir.AttrInt64("axis", 0)], name=_node_name(graph, f"{node.name}_bias_dq"))
         dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         dq.outputs[0].shape = ir.Shape(bias.shape)
