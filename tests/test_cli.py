@@ -366,3 +366,10 @@ def test_onnxruntime_backend_bad_options(model_file, calib_file, tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_lower_float_onnx_for_onnxruntime(onnx_model_file, tmp_path, capsys):
+    calib = _npz(tmp_path, x=np.random.default_rng(1).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(onnx_model_file), "-o", str(out), "--calib", str(calib), "--backend", "onnxruntime"]) == 0
+    assert "onnxruntime: 7/7 weighted ops run as int8 kernels" in capsys.readouterr().out
