@@ -10,6 +10,7 @@ ONNX give the same codes. Its gradient is the straight-through estimator with th
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import torch
@@ -24,6 +25,8 @@ __all__ = ["QUANT_META", "FLOAT_META", "FALLBACK_META", "prepare_for_export", "r
 
 
 #: fx ``node.meta`` keys of the quantization plan: {input index: QSpec}, and why a node stays float.
+logger = logging.getLogger(__name__)
+
 QUANT_META = "qgraph.quant"
 FLOAT_META = "qgraph.float_reason"
 #: fx ``node.meta`` key: why an op runs in its recipe's fallback precision.
@@ -277,6 +280,8 @@ class FakeQuant(torch.nn.Module):
             scale = self.scale.detach().clone()
             del self.scale
             self.scale = torch.nn.Parameter(scale)
+            # what calibration gave, to catch a learned scale the optimizer drove to ~0
+            self.register_buffer("calibrated_scale", scale.clone(), persistent=False)
         elif not learn_scale and self.learnable:
             scale = self.scale.detach().clone()
             del self.scale
@@ -386,8 +391,16 @@ def prepare_for_export(gm: torch.nn.Module) -> int:
     ``lower`` calls this. Returns how many quantizers were updated.
     """
     with torch.no_grad():
-        for module in gm.modules():
+        for name, module in gm.named_modules():
             if isinstance(module, FakeQuant) and module.learnable:
+                calibrated = getattr(module, "calibrated_scale", None)
+                if calibrated is not None and bool((module.scale <= 1e-3 * calibrated).any()):
+                    logger.warning(
+                        "learned scale of %s fell from %.3g to %.3g: its codes saturate; the "
+                        "optimizer's step is too large for it (Adam moves every parameter by about "
+                        "its learning rate per step: give scales their own, smaller rate)",
+                        name, float(calibrated.min()), float(module.scale.min()),
+                    )
                 module.scale.clamp_(min=_TINY)
     return refresh_weight_scales(gm)
 

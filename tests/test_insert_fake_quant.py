@@ -287,3 +287,17 @@ def test_qat_under_onnxruntime_rules_lowers_to_int8_kernels_with_parity():
     assert report.quantized_weighted == len(report.weighted) == 7, report.summary()
     parity = check_parity(gm, onnx_bytes, (data[1],))  # int8 kernels, int32 biases
     assert parity.max_relative <= 0.03, parity.summary()
+
+
+def test_a_learned_scale_driven_to_zero_is_reported_at_export(caplog):
+    from qgraph.quant import prepare_for_export
+
+    gm, data = _calibrated()
+    InsertFakeQuant(learn_scales=True)(gm)
+    act = _quantizers(gm)["fq_x"]
+    with torch.no_grad():
+        act.scale.fill_(-0.5)  # what Adam at lr 1e-3 does to a 0.004 scale in a few steps
+    with caplog.at_level("WARNING", logger="qgraph.quant"):
+        prepare_for_export(gm)
+    assert "learned scale of fq_x fell from" in caplog.text
+    assert float(act.scale.detach()) > 0
