@@ -131,8 +131,8 @@ def input_specs(gm: torch.fx.GraphModule) -> list[tuple[str, tuple[int | None, .
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             raise InputError(f"model input {name!r} is not a tensor")
-        if not val.dtype.is_floating_point:
-            raise InputError(f"model input {name!r} is {val.dtype}; only float inputs are supported")
+        if val.dtype.is_complex:
+            raise InputError(f"model input {name!r} is {val.dtype}; complex inputs are not supported")
         shape = tuple(d if isinstance(d, int) else None for d in val.shape)
         specs.append((name, shape, val.dtype))
     return specs

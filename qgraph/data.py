@@ -143,6 +143,8 @@ def _check_array(file: Path, name: str, array: np.ndarray, shape: tuple, dtype: 
             raise InputError(f"{where} has shape {array.shape}, the model expects {_fmt(shape)}")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise InputError(f"{where} contains NaN or Inf")
+    if not dtype.is_floating_point and array.dtype.kind == "f":
+        raise InputError(f"{where} holds floats, the model input is {dtype} (token ids, indices): save integers")
 
 
 def _fmt(shape: tuple) -> str:

@@ -373,3 +373,29 @@ def test_lower_float_onnx_for_onnxruntime(onnx_model_file, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     assert main(["lower", str(onnx_model_file), "-o", str(out), "--calib", str(calib), "--backend", "onnxruntime"]) == 0
     assert "onnxruntime: 7/7 weighted ops run as int8 kernels" in capsys.readouterr().out
+
+
+class _Tokens(torch.nn.Module):
+    """Token ids in (int64), an embedding, a linear: the shape of a text model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+def test_lower_a_model_with_token_id_inputs(tmp_path, capsys, backend):
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "tokens.pt2"
+    ep = torch.export.export(_Tokens().eval(), (ids,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(ep, str(path))
+    calib = _npz(tmp_path, ids=np.random.default_rng(0).integers(0, 50, (32, 6)).astype(np.int64))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "--backend", backend]) == 0
+    assert "1/1 weighted ops" in capsys.readouterr().out
+    floats = _npz(tmp_path, ids=np.zeros((8, 6), np.float32) + 1.0)
+    assert "holds floats, the model input is torch.int64" in _bad(tmp_path, path, floats, capsys)
