@@ -133,8 +133,12 @@ def _lower(args: argparse.Namespace) -> int:
         print(result.codes_summary())
         if result.inspect is not None:
             print(result.inspect.headline())
+            by_reason: dict[str, list[str]] = {}
             for name, why in getattr(result.inspect, "reasons", {}).items():
-                print(f"  float in onnxruntime: {name}: {why}")
+                by_reason.setdefault(why, []).append(name)
+            for why, names in by_reason.items():
+                shown = ", ".join(names[:3]) + (f", … ({len(names)} ops)" if len(names) > 3 else "")
+                print(f"  float in {args.backend}: {shown}: {why}")
         print(f"wrote {args.output} ({len(result.onnx) / 1024:.1f} KiB)")
     return 0
 

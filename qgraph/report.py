@@ -43,5 +43,23 @@ def format_plan(gm: torch.fx.GraphModule) -> list[str]:
         lines += [f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(fell_back.items())]
     if left:
         lines.append(f"left in float ({sum(left.values())} ops):")
-        lines += [f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(left.items())]
+        unknown: Counter = Counter()
+        for (kind, reason), n in left.items():
+            if reason.endswith(_UNKNOWN):
+                unknown[_short(kind)] += n
+        lines += [
+            f"  {kind}×{n}: {reason}" for (kind, reason), n in sorted(left.items()) if not reason.endswith(_UNKNOWN)
+        ]
+        if unknown:  # one line: shape arithmetic, masks, casts... (no rule: they stay float)
+            names = ", ".join(f"{k}×{n}" for k, n in sorted(unknown.items()))
+            lines.append(f"  ops qgraph has no rule for ({sum(unknown.values())}): {names}")
     return lines
+
+
+_UNKNOWN = "not an op qgraph knows"
+
+
+def _short(kind: str) -> str:
+    """``aten.arange.default`` → ``arange``."""
+    name = kind.removeprefix("aten.")
+    return name.rsplit(".", 1)[0] if "." in name else name

@@ -47,6 +47,7 @@ _FLOAT_REASONS = {
     "Relu": "activation: the quantizer after it moves before it; its clamp at zero is the ReLU",
     "Clip": "activation: the quantizer after it moves before it and clips the codes",
     "Gelu": "activation: runs in float between the int8 GEMMs",
+    "LayerNormalization": "normalisation runs in float",
     "Softmax": "kept in float for accuracy",
     "Attention": "fused attention op has no place for Q/DQ inside",
 }
