@@ -245,21 +245,12 @@ def _gemms_on_rows(graph: ir.Graph) -> int:
     """Rank ≥ 3 activations read only by weight MatMuls → ``(rows, K)`` Gemms (exact; see above)."""
     changed = 0
     for q in list(graph):
-        if not _is_op(q, "QuantizeLinear") or len(q.inputs) < 3:
+        dq = _row_quantizable(q)
+        if dq is None:
             continue
-        x, shape = q.inputs[0], q.inputs[0].shape
-        scale = const_array(q.inputs[1])
-        if shape is None or len(shape) < 3 or not isinstance(shape[-1], int) or scale is None or scale.size != 1:
-            continue
-        readers = [use.node for use in q.outputs[0].uses()]
-        if len(readers) != 1 or not _is_op(readers[0], "DequantizeLinear"):
-            continue
-        dq = readers[0]
+        x = q.inputs[0]
         matmuls = [use.node for use in dq.outputs[0].uses()]
-        if not matmuls or not all(_weight_matmul(m, dq.outputs[0]) for m in matmuls):
-            continue
-        k = shape[-1]
-        rows = ir.Node("", "Reshape", [x, _onnx.add_initializer(graph, "rows_shape", np.array([-1, k], np.int64))],
+        rows = ir.Node("", "Reshape", [x, _onnx.add_initializer(graph, "rows_shape", np.array([-1, x.shape[-1]], np.int64))],
                        name=_node_name(graph, f"{q.name}_rows"))
         rows.outputs[0].name = f"{x.name}_rows"
         rows.outputs[0].type = x.type
@@ -268,25 +259,46 @@ def _gemms_on_rows(graph: ir.Graph) -> int:
         q.outputs[0].shape = dq.outputs[0].shape = None  # now (rows, K)
         lead = _leading_shape(graph, x, q)
         for matmul in matmuls:
-            n = int(const_array(matmul.inputs[1].producer().inputs[0]).shape[1])
-            add, bias = _bias_add(matmul, n)
-            gemm = ir.Node("", "Gemm", [dq.outputs[0], matmul.inputs[1]] + ([bias] if bias is not None else []),
-                           name=matmul.name)
-            gemm.outputs[0].name = f"{matmul.outputs[0].name}_rows"
-            gemm.outputs[0].type = matmul.outputs[0].type
-            last = add if add is not None else matmul
-            graph.insert_before(last, gemm)
-            target = _concat_shape(graph, lead, n, gemm)
-            back = ir.Node("", "Reshape", [gemm.outputs[0], target], name=_node_name(graph, f"{matmul.name}_unrows"))
-            back.outputs[0].type = last.outputs[0].type
-            back.outputs[0].shape = last.outputs[0].shape
-            graph.insert_before(last, back)
-            last.outputs[0].replace_all_uses_with(back.outputs[0])
-            for old in (add, matmul):
-                if old is not None:
-                    graph.remove(old, safe=True)
+            _matmul_to_gemm(graph, matmul, dq.outputs[0], lead)
             changed += 1
     return changed
+
+
+def _row_quantizable(q: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear after a per-tensor ``q`` of a rank ≥ 3 value with a static last dim
+    whose every reader is a weight MatMul, or None."""
+    if not _is_op(q, "QuantizeLinear") or len(q.inputs) < 3:
+        return None
+    shape, scale = q.inputs[0].shape, const_array(q.inputs[1])
+    if shape is None or len(shape) < 3 or not isinstance(shape[-1], int) or scale is None or scale.size != 1:
+        return None
+    readers = [use.node for use in q.outputs[0].uses()]
+    if len(readers) != 1 or not _is_op(readers[0], "DequantizeLinear"):
+        return None
+    matmuls = [use.node for use in readers[0].outputs[0].uses()]
+    if not matmuls or not all(_weight_matmul(m, readers[0].outputs[0]) for m in matmuls):
+        return None
+    return readers[0]
+
+
+def _matmul_to_gemm(graph: ir.Graph, matmul: ir.Node, rows: ir.Value, lead: np.ndarray | ir.Value) -> None:
+    """``MatMul(x, W) [+ bias]`` → ``Reshape(Gemm(rows, W [, bias]), x's shape with N last)``."""
+    n = int(const_array(matmul.inputs[1].producer().inputs[0]).shape[1])
+    add, bias = _bias_add(matmul, n)
+    gemm = ir.Node("", "Gemm", [rows, matmul.inputs[1]] + ([bias] if bias is not None else []), name=matmul.name)
+    gemm.outputs[0].name = f"{matmul.outputs[0].name}_rows"
+    gemm.outputs[0].type = matmul.outputs[0].type
+    last = add if add is not None else matmul
+    graph.insert_before(last, gemm)
+    back = ir.Node("", "Reshape", [gemm.outputs[0], _concat_shape(graph, lead, n, gemm)],
+                   name=_node_name(graph, f"{matmul.name}_unrows"))
+    back.outputs[0].type = last.outputs[0].type
+    back.outputs[0].shape = last.outputs[0].shape  # ORT's later fusions need it
+    graph.insert_before(last, back)
+    last.outputs[0].replace_all_uses_with(back.outputs[0])
+    for old in (add, matmul):
+        if old is not None:
+            graph.remove(old, safe=True)
 
 
 def _leading_shape(graph: ir.Graph, x: ir.Value, before: ir.Node) -> np.ndarray | ir.Value:
