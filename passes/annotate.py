@@ -157,7 +157,7 @@ class Annotate(Pass):
             return {}, f"{why} ({rules.backend} {rules.precision})"
         if rule.unsupported:
             raise _Unsupported(rule.unsupported)
-        if rule.int8_kernel and self._feeds_quantized_input(node, rules):
+        if rule.int8_kernel and self._feeds_quantized_input(node):
             return self._plan_int8_kernel(node, rules)
         if rule.residual:
             return self._plan_residual(node, rules)
@@ -213,22 +213,23 @@ class Annotate(Pass):
             return {}, f"{rules.precision} quantizes no activations"
         return {i: self._activation_spec(a, rules) for i, a in enumerate(args)}, ""
 
-    def _feeds_quantized_input(self, node: torch.fx.Node, rules: BackendRules) -> bool:
+    def _feeds_quantized_input(self, node: torch.fx.Node) -> bool:
         """Whether every use of ``node``'s output is an input that will be quantized, seen
         through ReLU/Clip, data movement (not Concat) and quantizers already in the graph (an
         int8 kernel needs its output read by a quantizer only)."""
-        if node not in self._feeds_memo:
-            self._feeds_memo[node] = bool(node.users) and all(self._quantizes(u, node, rules) for u in node.users)
+        if node not in self._feeds_memo:  # each reader is judged by its own rule set
+            self._feeds_memo[node] = bool(node.users) and all(self._quantizes(u, node) for u in node.users)
         return self._feeds_memo[node]
 
-    def _quantizes(self, user: torch.fx.Node, value: torch.fx.Node, rules: BackendRules) -> bool:
+    def _quantizes(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
         if user.op == "call_module":
             return isinstance(self._gm.get_submodule(user.target), (Observer, FakeQuant))
         kind = op_kind(user)
         if kind in ("Relu", "Clip") or (kind in DATA_MOVEMENT and kind != "Concat"):
-            return self._feeds_quantized_input(user, rules)
+            return self._feeds_quantized_input(user)
         names = {user.name, _module_path(user)}
-        for pattern, override in self.overrides:  # the user's own rule set (None: kept float)
+        rules = self.rules  # the reader's own rule set: the recipe's, or an override's (None: float)
+        for pattern, override in self.overrides:
             hit = user in self._ends[pattern] if pattern in self._ends else any(
                 fnmatch.fnmatchcase(n, pattern) for n in names if n
             )
@@ -240,8 +241,10 @@ class Annotate(Pass):
         rule = rules.ops.get(kind) if kind else None
         if rule is None or rule.unsupported or rules.activation is None:
             return False
-        if rule.int8_kernel:
-            return self._feeds_quantized_input(user, rules)
+        if rule.int8_kernel:  # planned as one only as an Add of two tensors that are not constants
+            args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]
+            two = len(args) == 2 and all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args)
+            return two and self._feeds_quantized_input(user)
         if rule.residual:
             return True  # ``value`` is not a weighted op's output: the residual rule quantizes it
         args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]

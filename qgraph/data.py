@@ -145,6 +145,10 @@ def _check_array(file: Path, name: str, array: np.ndarray, shape: tuple, dtype: 
         raise InputError(f"{where} contains NaN or Inf")
     if not dtype.is_floating_point and array.dtype.kind == "f":
         raise InputError(f"{where} holds floats, the model input is {dtype} (token ids, indices): save integers")
+    if not dtype.is_floating_point and dtype != torch.bool and array.dtype.kind in "iu":
+        info = torch.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise InputError(f"{where} has values outside {dtype}'s range [{info.min}, {info.max}]")
 
 
 def _fmt(shape: tuple) -> str:

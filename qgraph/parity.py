@@ -144,6 +144,37 @@ def check_codes(
         for name in node.input:
             readers.setdefault(name, []).append(node)
     producers = {o: node for node in proto.graph.node for o in node.output}
+
+    def sole_reader(name: str) -> onnx.NodeProto | None:
+        users = readers.get(name, [])
+        return users[0] if len(users) == 1 else None
+
+    def code_clip(node: onnx.NodeProto | None, zp: np.ndarray | int) -> tuple | None:
+        """The code bounds of a Clip on codes (the onnxruntime lowering's moved ReLU), or None."""
+        if node is None or node.op_type != "Clip" or not all(i in inits for i in node.input[1:3]):
+            return None
+        return tuple(int(inits[i]) - zp for i in node.input[1:3])
+
+    def concat_group(q: onnx.NodeProto, zp) -> tuple | None:  # noqa: ANN001
+        """(concat, [(Q input, code bounds or None)]) when ``q`` is one of the quantizers the
+        onnxruntime lowering split over a Concat's inputs (each maybe followed by a Clip)."""
+        reader = sole_reader(q.output[0])
+        if code_clip(reader, zp) is not None:
+            reader = sole_reader(reader.output[0])
+        if reader is None or reader.op_type != "Concat":
+            return None
+        parts, members = [], []
+        for name in reader.input:
+            node, bounds = producers.get(name), None
+            if node is not None and code_clip(node, zp) is not None:
+                node, bounds = producers.get(node.input[0]), code_clip(node, zp)
+            if node is None or node.op_type != "QuantizeLinear" or node.input[1:] != q.input[1:]:
+                return None
+            members.append(node.output[0])
+            parts.append((node.input[0], bounds))
+        grouped.update(members)
+        return reader, parts
+
     q_names, q_parts, zero_points, code_ranges = [], [], [], []
     grouped: set[str] = set()
     outputs = {o.name for o in proto.graph.output}
@@ -151,39 +182,33 @@ def check_codes(
         if node.op_type != "QuantizeLinear" or node.output[0] in grouped:
             continue
         zp = inits[node.input[2]].astype(np.int32) if len(node.input) > 2 and node.input[2] in inits else 0
-        codes, parts, bounds = node.output[0], ([node.input[0]], None), (None, None)
-        users = readers.get(codes, [])
-        # the onnxruntime lowering splits a quantizer after a Concat into one per input
-        if len(users) == 1 and users[0].op_type == "Concat":
-            members = [producers.get(i) for i in users[0].input]
-            if all(m is not None and m.op_type == "QuantizeLinear" and m.input[1:] == node.input[1:] for m in members):
-                axis = next((a.i for a in users[0].attribute if a.name == "axis"), 0)
-                codes, parts = users[0].output[0], ([m.input[0] for m in members], axis)
-                grouped.update(m.output[0] for m in members)
-                users = readers.get(codes, [])
-        # ... and moves quantizers before a ReLU/Clip that then runs on the codes
-        if len(users) == 1 and users[0].op_type == "Clip" and all(i in inits for i in users[0].input[1:3]):
-            codes = users[0].output[0]
-            bounds = tuple(int(inits[i]) - zp for i in users[0].input[1:3])
+        group = concat_group(node, zp)
+        if group is not None:
+            cat, parts = group
+            axis = next((a.i for a in cat.attribute if a.name == "axis"), 0)
+            codes, split = cat.output[0], (parts, axis)
+        else:
+            codes, split = node.output[0], ([(node.input[0], None)], None)
+        bounds = code_clip(sole_reader(codes), zp)
+        if bounds is not None:
+            codes = sole_reader(codes).output[0]
         q_names.append(codes)
-        q_parts.append(parts)
+        q_parts.append(split)
         zero_points.append(zp)
-        code_ranges.append(bounds)
-        for name in [codes, *parts[0]]:
+        code_ranges.append(bounds or (None, None))
+        for name in [codes, *(n for n, _ in split[0])]:
             if name not in outputs:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
                 outputs.add(name)
     sess = session(proto.SerializeToString())
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    wanted = list(dict.fromkeys(q_names + [n for names, _ in q_parts for n in names]))
+    wanted = list(dict.fromkeys(q_names + [n for parts, _ in q_parts for n, _ in parts]))
     fetched = dict(zip(wanted, sess.run(wanted, feeds))) if q_names else {}
     all_values = {**feeds, **fetched}
     # codes relative to their zero point: uint8 codes (zero point 128) compare with int8 ones
     onnx_codes = [fetched[n].astype(np.int32) - zp for n, zp in zip(q_names, zero_points)]
-    onnx_q_inputs = [
-        all_values[names[0]] if axis is None else np.concatenate([all_values[n] for n in names], axis)
-        for names, axis in q_parts
-    ]
+    onnx_q_inputs = [[(all_values[n], b) for n, b in parts] for parts, _ in q_parts]
+    concat_axes = [axis for _, axis in q_parts]
 
     # quantizers whose input is computed from constants alone (e.g. a transposed weight) are
     # folded into initializers at export: they have no QuantizeLinear left to compare with
@@ -226,10 +251,16 @@ def check_codes(
     pairs = [(torch_codes[name], got) for name, got in zip(order, onnx_codes)]
     quantizer_mismatches = 0
     with torch.no_grad():
-        for name, q_in, got, (lo, hi) in zip(order, onnx_q_inputs, onnx_codes, code_ranges):
+        for name, parts, axis, got, (lo, hi) in zip(order, onnx_q_inputs, concat_axes, onnx_codes, code_ranges):
             module = gm.get_submodule(name)
-            deq = module(torch.from_numpy(np.asarray(q_in))).numpy()
             scale = module.scale.numpy()
+            pieces = []
+            for q_in, bounds in parts:
+                piece = module(torch.from_numpy(np.asarray(q_in))).numpy()
+                if bounds is not None:  # a ReLU the lowering moved after this part's quantizer
+                    piece = np.clip(piece, np.float32(bounds[0]) * scale, np.float32(bounds[1]) * scale)
+                pieces.append(piece)
+            deq = pieces[0] if axis is None else np.concatenate(pieces, axis)
             if lo is not None:  # the ReLU/Clip the lowering moved after the quantizer, on codes
                 deq = np.clip(deq, np.float32(lo) * scale, np.float32(hi) * scale)
             expected = got.astype(np.float32) * scale

@@ -399,3 +399,12 @@ def test_lower_a_model_with_token_id_inputs(tmp_path, capsys, backend):
     assert "1/1 weighted ops" in capsys.readouterr().out
     floats = _npz(tmp_path, ids=np.zeros((8, 6), np.float32) + 1.0)
     assert "holds floats, the model input is torch.int64" in _bad(tmp_path, path, floats, capsys)
+
+
+def test_integer_calibration_values_outside_the_input_type_are_refused(tmp_path):
+    from qgraph._errors import InputError
+    from qgraph.data import CalibrationData
+
+    path = _npz(tmp_path, x=np.array([[1, 300, 2, 3]], np.int64))
+    with pytest.raises(InputError, match=r"outside torch.uint8's range \[0, 255\]"):
+        CalibrationData(path, [("x", (None, 4), torch.uint8)])

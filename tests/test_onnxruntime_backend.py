@@ -281,29 +281,37 @@ def test_weight_matmuls_become_gemms_on_rows(dynamic_seq):
 
 
 class _Branches(torch.nn.Module):
-    """Two conv branches concatenated, ReLU, a conv (Inception/DenseNet-style)."""
+    """Two conv branches concatenated, ReLU, a conv (DenseNet-style); ``branch_relu``: each branch
+    is activated before the Concat instead (Inception-style, ReLU and ReLU6)."""
 
-    def __init__(self) -> None:
+    def __init__(self, branch_relu: bool = False) -> None:
         super().__init__()
+        self.branch_relu = branch_relu
         self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.b = torch.nn.Conv2d(3, 8, 1)
         self.c = torch.nn.Conv2d(16, 4, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch_relu:
+            return self.c(torch.cat([torch.relu(self.a(x)), torch.nn.functional.relu6(self.b(x))], dim=1))
         return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
 
 
-def test_concat_of_conv_outputs_moves_codes_and_every_conv_fuses():
+@pytest.mark.parametrize("branch_relu", [False, True])
+def test_concat_of_conv_outputs_moves_codes_and_every_conv_fuses(branch_relu):
     torch.manual_seed(0)
-    model = _Branches().eval()
+    model = _Branches(branch_relu).eval()
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     gm = capture(model, (x[:4],))
     Sequential([Annotate(onnxruntime.INT8), InsertObservers("max"), Calibrate([x]), InsertQDQ()])(gm)
     data = onnxruntime.lower(gm, (x[:2],))
     proto = onnx.load_from_string(data)
     (cat,) = [n for n in proto.graph.node if n.op_type == "Concat"]
-    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
-    assert [producers[i] for i in cat.input] == ["QuantizeLinear", "QuantizeLinear"]
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for name in cat.input:  # codes: a quantizer, or a Clip on a quantizer's codes (a moved ReLU)
+        node = producers[name]
+        node = producers[node.input[0]] if node.op_type == "Clip" else node
+        assert node.op_type == "QuantizeLinear"
     report = onnxruntime.inspect_model(proto)
     assert [k for _, _, k in report.weighted] == ["QLinearConv", "QLinearConv", ""], report.summary()
     assert "float model output" in report.reasons[report.weighted[2][0]]
@@ -314,6 +322,8 @@ def test_concat_of_conv_outputs_moves_codes_and_every_conv_fuses():
     ort_lower._activations_to_uint8(model_ir.graph)
     ort_lower._quantize_before_activations(model_ir.graph)
     assert ort_lower._quantize_concat_inputs(model_ir.graph) == 1
+    assert ort_lower._quantize_before_activations(model_ir.graph) == (2 if branch_relu else 0)
+    assert not any(n.op_type == "Relu" for n in model_ir.graph)
     np.testing.assert_array_equal(_run(_onnx.serialize(model_ir), x), trt_form)
     codes = check_codes(gm, data, (x,))  # the split quantizer is compared as one
     assert codes.quantizer_mismatches == 0 and codes.fraction_equal >= 0.98, codes.summary()
@@ -405,3 +415,35 @@ def test_report_names_unnamed_nodes_without_collisions():
     )
     report = onnxruntime.inspect_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
     assert report.violations == [] and len({name for name, _, _ in report.weighted}) == 2
+
+
+def test_quantizer_that_makes_a_model_output_is_not_moved():
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "z")]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="r"), helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"], name="q")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("q", TensorProto.INT8, [2, 4])], inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = ir.serde.deserialize_model(proto)
+    counts = onnxruntime.to_onnxruntime(model)
+    assert counts["quantizers moved before ReLU/Clip"] == 0 and counts["uint8 activations"] == 0
+    x = torch.tensor([[-1.0, -0.5, 0.3, 1.0]] * 2)
+    np.testing.assert_array_equal(_run(_onnx.serialize(model), x), _run(proto.SerializeToString(), x))
+
+
+def test_add_read_by_an_add_of_a_constant_stays_float():
+    class AddConst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu((self.a(x) + self.b(x)) + 1.0)
+
+    gm = capture(AddConst().eval(), (torch.randn(2, 4, 5, 5),))
+    Annotate(onnxruntime.INT8)(gm)
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert adds and not any(n.meta.get(QUANT_META) for n in adds)  # no QLinearAdd for either

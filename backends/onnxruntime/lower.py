@@ -79,20 +79,28 @@ def lower(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], fo
 
 def to_onnxruntime(model: ir.Model) -> dict[str, int]:
     """The four rewrites of the module docstring, in place; returns how many of each were made."""
+    graph = model.graph
+    graph.meta.pop(_NAMES, None)  # node names are read afresh: the graph may have been edited
     counts = {
-        "uint8 activations": _activations_to_uint8(model.graph),
-        "quantizers moved before ReLU/Clip": _quantize_before_activations(model.graph),
-        "quantizers moved before Concat": _quantize_concat_inputs(model.graph),
-        "MatMuls as Gemms on rows": _gemms_on_rows(model.graph),
-        "int32 biases": _int32_biases(model.graph),
+        "uint8 activations": _activations_to_uint8(graph),
+        "quantizers moved before ReLU/Clip": _quantize_before_activations(graph),
+        "MatMuls as Gemms on rows": _gemms_on_rows(graph),
+        "quantizers moved before Concat": _quantize_concat_inputs(graph),
     }
+    # the quantizers a Concat split off may now sit after a ReLU/Clip (Conv → ReLU → Q_i → Concat)
+    counts["quantizers moved before ReLU/Clip"] += _quantize_before_activations(graph)
+    counts["int32 biases"] = _int32_biases(graph)
+    graph.meta.pop(_NAMES, None)
     ir_passes.RemoveUnusedNodesPass()(model)
     return counts
 
 
+_NAMES = "qgraph.node_names"  # graph.meta key: the node names taken, during to_onnxruntime
+
+
 def _node_name(graph: ir.Graph, base: str) -> str:
     """A node name not used in ``graph`` yet (ORT refuses two nodes of one name)."""
-    taken = graph.meta.setdefault("qgraph.node_names", {n.name for n in graph if n.name})
+    taken = graph.meta.setdefault(_NAMES, {n.name for n in graph if n.name})
     name, i = base or "node", 0
     while name in taken:
         i += 1
@@ -150,6 +158,8 @@ def _quantize_before_activations(graph: ir.Graph) -> int:
         if len(uses) != 1 or not _is_op(uses[0].node, "QuantizeLinear") or uses[0].idx != 0:
             continue
         q = uses[0].node
+        if q.outputs[0].is_graph_output():
+            continue  # the model's output would keep the unclipped codes
         scale = const_array(q.inputs[1])
         zp = const_array(q.inputs[2]) if len(q.inputs) > 2 else None
         if scale is None or zp is None or scale.size != 1 or zp.size != 1 or zp.dtype.kind not in "iu":
@@ -256,6 +266,8 @@ def _gemms_on_rows(graph: ir.Graph) -> int:
         rows.outputs[0].type = x.type
         graph.insert_before(q, rows)
         q.replace_input_with(0, rows.outputs[0])
+        for use in q.outputs[0].uses():  # the Clip on codes, if any
+            use.node.outputs[0].shape = None
         q.outputs[0].shape = dq.outputs[0].shape = None  # now (rows, K)
         lead = _leading_shape(graph, x, q)
         for matmul in matmuls:
@@ -273,6 +285,8 @@ def _row_quantizable(q: ir.Node) -> ir.Node | None:
     if shape is None or len(shape) < 3 or not isinstance(shape[-1], int) or scale is None or scale.size != 1:
         return None
     readers = [use.node for use in q.outputs[0].uses()]
+    if len(readers) == 1 and _is_op(readers[0], "Clip"):  # a ReLU on the codes: elementwise, fine
+        readers = [use.node for use in readers[0].outputs[0].uses()]
     if len(readers) != 1 or not _is_op(readers[0], "DequantizeLinear"):
         return None
     matmuls = [use.node for use in readers[0].outputs[0].uses()]
