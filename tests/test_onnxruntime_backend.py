@@ -447,3 +447,25 @@ def test_add_read_by_an_add_of_a_constant_stays_float():
     Annotate(onnxruntime.INT8)(gm)
     adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     assert adds and not any(n.meta.get(QUANT_META) for n in adds)  # no QLinearAdd for either
+
+
+def test_reshape_pairs_collapse_only_when_exact():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(second: list[int]) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(np.array([-1, 6], np.int64), "a"), numpy_helper.from_array(np.array(second, np.int64), "b")]
+        graph = helper.make_graph(
+            [helper.make_node("Reshape", ["x", "a"], ["m"], name="r1"), helper.make_node("Reshape", ["m", "b"], ["y"], name="r2")],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    for second, collapses in (([4, 2, 3], True), ([0, 2, 3], False)):  # 0 copies the middle's dim
+        proto = model(second)
+        ir_model = ir.serde.deserialize_model(proto)
+        assert ort_lower._collapse_reshapes(ir_model.graph) == int(collapses)
+        if collapses:
+            got = _run(ir.serde.serialize_model(ir_model).SerializeToString(), x)
+            np.testing.assert_array_equal(got, _run(proto.SerializeToString(), x))
