@@ -27,3 +27,4 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_lower.py
 	$(PY) benchmarks/bench_formats.py
 	$(PY) benchmarks/bench_recipes.py
+	$(PY) benchmarks/bench_ort.py
