@@ -22,9 +22,10 @@ differences, all held as rule data:
   same range, after a GELU nearly twice — and ORT drops the ReLU before it (the quantizer's clamp
   at 0 is the ReLU).
 
-The lowering (:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs, exactly:
-int8 zero-point 0 → uint8 zero-point 128, quantizers moved before ReLU/Clip, int32 biases. It
-lowers a TensorRT plan as well (the u8 rewrite is exact: same outputs as the TensorRT lowering).
+The lowering (:mod:`qgraph.backends.onnxruntime.lower`) then rewrites what ORT needs: int8
+zero-point 0 → uint8 zero-point 128, quantizers moved before ReLU/Clip/Concat, linears as Gemms
+on rows (all exact), and int32 biases (each within half a bias step). It lowers a TensorRT plan
+as well: the same outputs as the TensorRT lowering, but for that bias rounding.
 """
 
 from __future__ import annotations
