@@ -230,7 +230,10 @@ class _OnnxModule(torch.nn.Module):
             self.consts[value.name] = np.array(value.const_value.numpy())
         for node in graph:
             if node.domain not in ("", "ai.onnx"):
-                raise InputError(f"node {node.name}: op {node.domain}::{node.op_type} is not supported")
+                raise InputError(
+                    f"node {node.name or node.op_type}: op {node.domain}::{node.op_type} is not supported "
+                    "(custom-domain ops are not read)"
+                )
             if node.op_type == "Constant":
                 self.consts[node.outputs[0].name] = np.array(node.attributes["value"].as_tensor().numpy())
                 continue
