@@ -408,3 +408,29 @@ def test_integer_calibration_values_outside_the_input_type_are_refused(tmp_path)
     path = _npz(tmp_path, x=np.array([[1, 300, 2, 3]], np.int64))
     with pytest.raises(InputError, match=r"outside torch.uint8's range \[0, 255\]"):
         CalibrationData(path, [("x", (None, 4), torch.uint8)])
+
+
+def _tiny_onnx(path: Path, nodes, inits=(), width: int = 4, out: int = 4, opsets=(("", 17),)) -> Path:  # noqa: ANN001
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out])], list(inits),
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+def test_bad_onnx_models_get_one_line_and_no_output(tmp_path, capsys, backend):
+    from onnx import helper, numpy_helper
+
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32))
+    custom = _tiny_onnx(tmp_path / "custom.onnx", [helper.make_node("FooBar", ["x"], ["y"], domain="my.ops")],
+                        opsets=(("", 17), ("my.ops", 1)))
+    assert "op my.ops::FooBar is not supported" in _bad(tmp_path, custom, calib, capsys, "--backend", backend)
+    no_weights = _tiny_onnx(tmp_path / "relu.onnx", [helper.make_node("Relu", ["x"], ["y"])])
+    assert "the plan quantizes nothing" in _bad(tmp_path, no_weights, calib, capsys, "--backend", backend)
+    w = numpy_helper.from_array(np.ones((8, 2), np.float32), "W")
+    wider = _tiny_onnx(tmp_path / "mm.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])], [w], width=8, out=2)
+    assert "the model expects (N, 8)" in _bad(tmp_path, wider, calib, capsys, "--backend", backend)
