@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 import torch.fx
 
+from qgraph._errors import QGraphError
 from qgraph.graph import get_attr
 
 from qgraph.quant import FLOAT_META, QUANT_META  # noqa: F401 - re-exported for the passes
@@ -47,3 +51,15 @@ def is_quantizer(gm: torch.fx.GraphModule, node: object) -> bool:
         and node.op == "call_module"
         and isinstance(gm.get_submodule(node.target), (Observer, FakeQuant))
     )
+
+
+def batch_args(batch: object, names: list[str]) -> tuple:
+    """A calibration batch (a tensor, a tuple, or a dict keyed by input name) as positional args."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, Mapping):
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise QGraphError(f"calibration batch lacks input(s) {', '.join(missing)}")
+        return tuple(batch[n] for n in names)
+    return tuple(batch)

@@ -106,6 +106,13 @@ class Annotate(Pass):
 
     def _rules_for(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
         """The rule set of ``node`` after overrides, and the matching pattern ('' if none)."""
+        rules, pattern = self._override_of(node)
+        if pattern:
+            self._matched.add(pattern)
+        return rules, pattern
+
+    def _override_of(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
+        """Like :meth:`_rules_for`, without recording the pattern as used (for look-aheads)."""
         names = {node.name, _module_path(node)}
         for pattern, rules in self.overrides:
             if pattern in self._ends:
@@ -113,7 +120,6 @@ class Annotate(Pass):
             else:
                 hit = any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
             if hit:
-                self._matched.add(pattern)
                 return rules, pattern
         return self.rules, ""
 
@@ -206,12 +212,19 @@ class Annotate(Pass):
 
     def _plan_int8_kernel(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
         """Every tensor input of an op the backend runs as its own int8 kernel (QLinearAdd)."""
-        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
-        if len(args) < 2 or not all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args):
+        args = self._two_tensors(node)
+        if args is None:
             return self._plan_residual(node, rules)
         if rules.activation is None:
             return {}, f"{rules.precision} quantizes no activations"
         return {i: self._activation_spec(a, rules) for i, a in enumerate(args)}, ""
+
+    def _two_tensors(self, node: torch.fx.Node) -> list[torch.fx.Node] | None:
+        """``node``'s first two inputs (seen through quantizers) if both are non-constant tensors."""
+        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
+        if len(args) < 2 or not all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args):
+            return None
+        return args
 
     def _feeds_quantized_input(self, node: torch.fx.Node) -> bool:
         """Whether every use of ``node``'s output is an input that will be quantized, seen
@@ -227,24 +240,14 @@ class Annotate(Pass):
         kind = op_kind(user)
         if kind in ("Relu", "Clip") or (kind in DATA_MOVEMENT and kind != "Concat"):
             return self._feeds_quantized_input(user)
-        names = {user.name, _module_path(user)}
-        rules = self.rules  # the reader's own rule set: the recipe's, or an override's (None: float)
-        for pattern, override in self.overrides:
-            hit = user in self._ends[pattern] if pattern in self._ends else any(
-                fnmatch.fnmatchcase(n, pattern) for n in names if n
-            )
-            if hit:
-                if override is None:
-                    return False
-                rules = override
-                break
+        rules, _ = self._override_of(user)  # the reader's own rule set (None: kept float)
+        if rules is None:
+            return False
         rule = rules.ops.get(kind) if kind else None
         if rule is None or rule.unsupported or rules.activation is None:
             return False
         if rule.int8_kernel:  # planned as one only as an Add of two tensors that are not constants
-            args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]
-            two = len(args) == 2 and all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args)
-            return two and self._feeds_quantized_input(user)
+            return self._two_tensors(user) is not None and self._feeds_quantized_input(user)
         if rule.residual:
             return True  # ``value`` is not a weighted op's output: the residual rule quantizes it
         args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]

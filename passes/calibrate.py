@@ -8,7 +8,7 @@ by input name); a progress bar is shown when ``progress=True``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 import torch.fx
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from qgraph._errors import QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.observers import Observer
+from qgraph.passes._util import batch_args
 
 __all__ = ["Calibrate"]
 
@@ -49,7 +50,7 @@ class Calibrate(Pass):
             with torch.no_grad():
                 for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
                     try:
-                        graph(*_as_args(batch, names))
+                        graph(*batch_args(batch, names))
                     except QGraphError:
                         raise
                     except Exception as exc:
@@ -63,14 +64,3 @@ class Calibrate(Pass):
         if batches == 0:
             raise QGraphError("calibration data is empty")
         return PassResult(graph, True, {"batches": batches, "observers": len(fresh)})
-
-
-def _as_args(batch: object, names: list[str]) -> tuple:
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, Mapping):
-        missing = [n for n in names if n not in batch]
-        if missing:
-            raise QGraphError(f"calibration batch lacks input(s) {', '.join(missing)}")
-        return tuple(batch[n] for n in names)
-    return tuple(batch)

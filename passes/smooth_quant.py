@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from qgraph._errors import QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, op_kind, set_attr, unique_attr_name
-from qgraph.passes.calibrate import _as_args
+from qgraph.passes._util import batch_args
 
 __all__ = ["SmoothQuant", "SMOOTHED_META"]
 
@@ -91,7 +91,7 @@ class SmoothQuant(Pass):
         with torch.no_grad():
             for batch in tqdm(self.data, desc="smoothing", unit="batch", disable=not self.progress):
                 try:
-                    recorder.run(*_as_args(batch, names))
+                    recorder.run(*batch_args(batch, names))
                 except QGraphError:
                     raise
                 except Exception as exc:

@@ -26,6 +26,19 @@ def _calibrated(rules=tensorrt.INT8, name: str = "mlp"):
     return gm, data
 
 
+def _train_classifier(gm, x, g, steps: int = 5) -> None:
+    """A few SGD steps of cross-entropy on random labels, then eval mode. SGD, not Adam: Adam's
+    ~lr-sized first steps would push a 0.004 activation scale below zero."""
+    gm.train()
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.01)
+    target = torch.randint(0, 10, (x.shape[0],), generator=g)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(gm(x), target).backward()
+        opt.step()
+    gm.eval()
+
+
 def _quantizers(gm):
     return {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuant)}
 
@@ -136,14 +149,7 @@ def test_batchnorm_is_folded_before_qat_so_training_matches_the_deployed_model()
     data = [torch.randn(8, *x.shape[1:], generator=g) for _ in range(2)]
     Sequential([FoldBatchNorm(), Annotate(tensorrt.INT8), InsertObservers(), Calibrate(data), InsertFakeQuant()])(gm)
     assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
-    gm.train()
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.01)
-    target = torch.randint(0, 10, (8,), generator=g)
-    for _ in range(5):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(gm(data[0]), target).backward()
-        opt.step()
-    gm.eval()
+    _train_classifier(gm, data[0], g)
     onnx_bytes = tensorrt.lower(gm, (data[1],))
     proto = onnx.load_from_string(onnx_bytes)
     assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
@@ -272,15 +278,7 @@ def test_qat_under_onnxruntime_rules_lowers_to_int8_kernels_with_parity():
     passes = [FoldBatchNorm(), Annotate(onnxruntime.INT8), InsertObservers(), Calibrate(data)]
     Sequential(passes + [InsertFakeQuant(learn_scales=True)])(gm)
     assert any(m.spec.dtype == "uint8" and m.learnable for m in _quantizers(gm).values())
-    gm.train()
-    # SGD: Adam's ~lr-sized first steps would push a 0.004 activation scale below zero
-    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
-    target = torch.randint(0, 10, (8,), generator=g)
-    for _ in range(5):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(gm(data[0]), target).backward()
-        opt.step()
-    gm.eval()
+    _train_classifier(gm, data[0], g)
     assert all(float(m.scale.detach().min()) > 1e-4 for m in _quantizers(gm).values() if m.learnable)
     onnx_bytes = onnxruntime.lower(gm, (data[1],))
     report = onnxruntime.inspect_model(onnx.load_from_string(onnx_bytes))
