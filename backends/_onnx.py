@@ -30,6 +30,7 @@ import torch.fx
 
 from qgraph import formats
 from qgraph._errors import QGraphError
+from qgraph.onnx_graph import add_initializer  # noqa: F401 - used here and by the backends
 
 __all__ = ["export_onnx", "serialize", "const_array", "const_or_dequantized", "decode_weights", "add_initializer"]
 
@@ -211,25 +212,6 @@ def _type_trt_outputs(model: ir.Model) -> None:
         if node.op_type == "TRT_MXFP8DequantizeLinear":
             node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
             node.outputs[0].shape = node.inputs[0].shape
-
-
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer named after ``base`` (made unique)."""
-    name = _free_name(graph, base)
-    init = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    init.shape = ir.Shape(array.shape)
-    init.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    graph.register_initializer(init)
-    return init
-
-
-def _free_name(graph: ir.Graph, base: str) -> str:
-    """An initializer name not yet used (one weight may be quantized on two axes)."""
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def _transposed_const(graph: ir.Graph, value: ir.Value, perm: list[int]) -> ir.Value | None:

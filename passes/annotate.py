@@ -31,25 +31,25 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Literal
-
-import torch
-import torch.fx
 
 from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
-from qgraph.graph import DATA_MOVEMENT, constant_value, is_constant, node_label, op_kind
-from qgraph.observers import Observer
+from qgraph.graph import DATA_MOVEMENT
 from qgraph.passes._util import FLOAT_META, QUANT_META
-from qgraph.quant import FALLBACK_META, FakeQuant, QSpec
+from qgraph.quant import FALLBACK_META, QSpec
 from qgraph.rules import BackendRules
+from qgraph.views import QUANTIZER, view_of
 
 __all__ = ["Annotate"]
 
 
 class Annotate(Pass):
     """Decide the quantization plan: which edges get which spec. Counts: ``quantized``, ``float``.
+
+    Runs on a ``torch.export`` GraphModule or an onnx-ir model (``qgraph.onnx_graph``): the plan
+    is made over a :class:`~qgraph.views.GraphView`, so both doors get it from the same rules.
 
     Args:
         rules: the backend's rule data (e.g. ``qgraph.backends.tensorrt.rules.INT8``).
@@ -72,58 +72,53 @@ class Annotate(Pass):
         self.overrides = tuple(overrides)
         self.fallback = fallback
 
-    def call(self, graph: torch.fx.GraphModule) -> PassResult:
-        self._gm = graph
+    def call(self, graph: object) -> PassResult:
+        view = view_of(graph)
+        self._v = view
         self._feeds_memo = {}
-        weighted = [n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds]
+        ops = list(view.ops())
+        weighted = [n for n in ops if view.kind(n) in self.rules.weighted_kinds]
         self._ends = {"@first": weighted[:1], "@last": weighted[-1:]}
         self._matched: set[str] = set()
         changed = False
         quantized = left_float = 0
-        for node in graph.graph.nodes:
-            if node.op != "call_function":
-                continue
+        for node in ops:
             specs, reason, fell_back = self._plan_with_fallback(node)
-            if node.meta.get(FALLBACK_META) != (fell_back or None):
-                changed = True
-                _set_meta(node, FALLBACK_META, fell_back or None)
+            meta = view.meta(node)
+            for key, value in ((FALLBACK_META, fell_back), (QUANT_META, specs), (FLOAT_META, reason)):
+                if meta.get(key) != (value or None):
+                    changed = True
+                    _set_meta(meta, key, value or None)
             if specs:
                 quantized += 1
             elif reason:
                 left_float += 1
-            if node.meta.get(QUANT_META) != (specs or None):
-                changed = True
-                _set_meta(node, QUANT_META, specs or None)
-            if node.meta.get(FLOAT_META) != (reason or None):
-                changed = True
-                _set_meta(node, FLOAT_META, reason or None)
         unmatched = [p for p, _ in self.overrides if p not in self._matched]
         if unmatched:
-            example = next((n for n in graph.graph.nodes if op_kind(n) in self.rules.weighted_kinds), None)
-            hint = f" (names look like {example.name!r} or {_module_path(example)!r})" if example else ""
+            hint = f" (names look like {' or '.join(map(repr, view.names(weighted[0])))})" if weighted else ""
             raise PreconditionError(f"override pattern(s) {', '.join(map(repr, unmatched))} match no op{hint}")
         return PassResult(graph, changed, {"quantized": quantized, "float": left_float})
 
-    def _rules_for(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
+    def _rules_for(self, node: object) -> tuple[BackendRules | None, str]:
         """The rule set of ``node`` after overrides, and the matching pattern ('' if none)."""
         rules, pattern = self._override_of(node)
         if pattern:
             self._matched.add(pattern)
         return rules, pattern
 
-    def _override_of(self, node: torch.fx.Node) -> tuple[BackendRules | None, str]:
+    def _override_of(self, node: object) -> tuple[BackendRules | None, str]:
         """Like :meth:`_rules_for`, without recording the pattern as used (for look-aheads)."""
-        names = {node.name, _module_path(node)}
+        names = self._v.names(node)
         for pattern, rules in self.overrides:
             if pattern in self._ends:
                 hit = node in self._ends[pattern]
             else:
-                hit = any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
+                hit = any(fnmatch.fnmatchcase(n, pattern) for n in names)
             if hit:
                 return rules, pattern
         return self.rules, ""
 
-    def _plan_with_fallback(self, node: torch.fx.Node) -> tuple[dict[int, QSpec], str, str]:
+    def _plan_with_fallback(self, node: object) -> tuple[dict[int, QSpec], str, str]:
         """(specs, float reason, fallback reason) of one node."""
         rules, pattern = self._rules_for(node)
         if rules is None:
@@ -136,7 +131,7 @@ class Annotate(Pass):
             if not alt:
                 name = rules.fallback.precision if rules.fallback else "float"
                 raise PreconditionError(
-                    f"{node_label(node)}: {rules.precision} is not supported here: {why}; "
+                    f"{self._v.label(node)}: {rules.precision} is not supported here: {why}; "
                     f"allow fallback (--fallback) to run it in {name}, or override it"
                 ) from None
             if alt == "float":
@@ -145,18 +140,19 @@ class Annotate(Pass):
                 specs, reason = self._plan(node, alt)
             except _Unsupported as inner:
                 raise PreconditionError(
-                    f"{node_label(node)}: neither {rules.precision} ({why}) nor the fallback "
+                    f"{self._v.label(node)}: neither {rules.precision} ({why}) nor the fallback "
                     f"{alt.precision} ({inner}) is supported here"
                 ) from None
             return specs, reason, f"{alt.precision}: {why}" if specs else ""
         return specs, reason, ""
 
-    def _plan(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
-        kind = op_kind(node)
+    def _plan(self, node: object, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
+        v = self._v
+        kind = v.kind(node)
         if kind in DATA_MOVEMENT:
             return {}, ""
         if kind is None:
-            return {}, f"{_short(node)}: not an op qgraph knows"
+            return {}, f"{v.describe(node)}: not an op qgraph knows"
         rule = rules.ops.get(kind)
         if rule is None:
             why = rules.float_reasons.get(kind, "no rule for it")
@@ -169,38 +165,36 @@ class Annotate(Pass):
             return self._plan_residual(node, rules)
         if rule.int8_kernel:
             return {}, "its output feeds float ops (its int8 kernel needs a quantized output)"
-        if rule.needs_weight and not any(
-            isinstance(a, torch.fx.Node) and is_constant(self._through_quantizers(a)) for a in node.args[:2]
-        ):
+        if rule.needs_weight and not any(v.is_constant(v.arg(node, i)) for i in (0, 1)):
             return {}, rule.needs_weight
-        if rule.max_groups is not None and _groups(node) > rule.max_groups:
-            return {}, f"groups={_groups(node)} (per-channel weight scales need groups<={rule.max_groups})"
+        if rule.max_groups is not None and v.groups(node) > rule.max_groups:
+            return {}, f"groups={v.groups(node)} (per-channel weight scales need groups<={rule.max_groups})"
         specs: dict[int, QSpec] = {}
         for inp in rule.inputs:
-            arg = node.args[inp.index] if inp.index < len(node.args) else None
-            if not isinstance(arg, torch.fx.Node):
+            arg = v.arg(node, inp.index)
+            if arg is None:
                 return {}, f"input {inp.index} is not a tensor"
-            arg = self._through_quantizers(arg)
-            constant = is_constant(arg)
+            constant = v.is_constant(arg)
             if inp.role == "weight" and not constant:
                 if rules.weight.block_size and rules.activation is not None:
                     raise _Unsupported("the weight is not a constant")
                 return {}, "weight is not a constant"
             if constant and inp.role in ("weight", "either"):
-                specs[inp.index] = _weight_spec(self._gm, arg, inp.weight_axis, rules)
+                axis = v.weight_axis(node, inp.index, inp.weight_axis)
+                specs[inp.index] = _weight_spec(v.constant_shape(arg), axis, rules)
             elif rules.activation is not None:
-                _check_dynamic(arg, rules.activation)
+                _check_dynamic(v.shape(arg), rules.activation)
                 specs[inp.index] = self._activation_spec(arg, rules)
         if specs and rules.activation is not None and all(s.role == "weight" for s in specs.values()):
             return {}, "all inputs are constants"
         return specs, ""
 
-    def _plan_residual(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
-        args = node.args[:2]
-        if len(args) < 2 or not all(isinstance(a, torch.fx.Node) for a in args):
+    def _plan_residual(self, node: object, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
+        v = self._v
+        args = [v.arg(node, 0), v.arg(node, 1)]
+        if any(a is None for a in args):
             return {}, "not an add of two tensors"
-        args = [self._through_quantizers(a) for a in args]
-        if any(is_constant(a) for a in args):
+        if any(v.is_constant(a) for a in args):
             return {}, "adds a constant"
         fused = [self._is_quantized_weighted(a) for a in args]
         if not any(fused):
@@ -210,7 +204,7 @@ class Annotate(Pass):
             return {}, f"{rules.precision} quantizes no activations"
         return {i: self._activation_spec(args[i], rules) for i in targets}, ""
 
-    def _plan_int8_kernel(self, node: torch.fx.Node, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
+    def _plan_int8_kernel(self, node: object, rules: BackendRules) -> tuple[dict[int, QSpec], str]:
         """Every tensor input of an op the backend runs as its own int8 kernel (QLinearAdd)."""
         args = self._two_tensors(node)
         if args is None:
@@ -219,25 +213,28 @@ class Annotate(Pass):
             return {}, f"{rules.precision} quantizes no activations"
         return {i: self._activation_spec(a, rules) for i, a in enumerate(args)}, ""
 
-    def _two_tensors(self, node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    def _two_tensors(self, node: object) -> list[object] | None:
         """``node``'s first two inputs (seen through quantizers) if both are non-constant tensors."""
-        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in node.args[:2]]
-        if len(args) < 2 or not all(isinstance(a, torch.fx.Node) and not is_constant(a) for a in args):
+        args = [self._v.arg(node, 0), self._v.arg(node, 1)]
+        if any(a is None or self._v.is_constant(a) for a in args):
             return None
         return args
 
-    def _feeds_quantized_input(self, node: torch.fx.Node) -> bool:
+    def _feeds_quantized_input(self, node: object) -> bool:
         """Whether every use of ``node``'s output is an input that will be quantized, seen
         through ReLU/Clip, data movement (not Concat) and quantizers already in the graph (an
         int8 kernel needs its output read by a quantizer only)."""
         if node not in self._feeds_memo:  # each reader is judged by its own rule set
-            self._feeds_memo[node] = bool(node.users) and all(self._quantizes(u, node) for u in node.users)
+            readers = self._v.readers(self._v.output(node))
+            self._feeds_memo[node] = bool(readers) and all(self._quantizes(u, at) for u, at in readers)
         return self._feeds_memo[node]
 
-    def _quantizes(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
-        if user.op == "call_module":
-            return isinstance(self._gm.get_submodule(user.target), (Observer, FakeQuant))
-        kind = op_kind(user)
+    def _quantizes(self, user: object, positions: frozenset[int]) -> bool:
+        """Whether ``user`` quantizes what it reads at ``positions`` under its own rules."""
+        v = self._v
+        if user is QUANTIZER or user is None:
+            return user is QUANTIZER
+        kind = v.kind(user)
         if kind in ("Relu", "Clip") or (kind in DATA_MOVEMENT and kind != "Concat"):
             return self._feeds_quantized_input(user)
         rules, _ = self._override_of(user)  # the reader's own rule set (None: kept float)
@@ -249,20 +246,18 @@ class Annotate(Pass):
         if rule.int8_kernel:  # planned as one only as an Add of two tensors that are not constants
             return self._two_tensors(user) is not None and self._feeds_quantized_input(user)
         if rule.residual:
-            return True  # ``value`` is not a weighted op's output: the residual rule quantizes it
-        args = [self._through_quantizers(a) if isinstance(a, torch.fx.Node) else a for a in user.args[:2]]
-        if rule.needs_weight and not any(is_constant(a) for a in args):
+            return True  # the value is not a weighted op's output: the residual rule quantizes it
+        args = [v.arg(user, 0), v.arg(user, 1)]
+        if rule.needs_weight and not any(v.is_constant(a) for a in args):
             return False
-        if rule.max_groups is not None and _groups(user) > rule.max_groups:
+        if rule.max_groups is not None and v.groups(user) > rule.max_groups:
             return False
         for r in rule.inputs:
-            arg = args[r.index] if r.index < len(args) else None
-            if r.role == "weight" and not is_constant(arg):
+            if r.role == "weight" and not v.is_constant(args[r.index] if r.index < 2 else None):
                 return False  # the op stays float: its weight is not a constant
-        positions = {i for i, a in enumerate(user.args) if a is value}
         return any(r.index in positions and r.role != "weight" for r in rule.inputs)
 
-    def _activation_spec(self, arg: torch.fx.Node, rules: BackendRules) -> QSpec:
+    def _activation_spec(self, arg: object, rules: BackendRules) -> QSpec:
         low = self._lower_bound(arg) if rules.bounded_activation is not None else None
         if low is None:
             return rules.activation
@@ -270,37 +265,26 @@ class Annotate(Pass):
         # counts as 0, and average pooling's zero padding can reach 0 anyway
         return dataclasses.replace(rules.bounded_activation, low=min(low, 0.0))
 
-    def _lower_bound(self, node: torch.fx.Node) -> float | None:
-        """A value ``node`` cannot go below, known from the op that makes it, or None."""
-        node = self._through_quantizers(node)
-        kind = op_kind(node)
+    def _lower_bound(self, tensor: object) -> float | None:
+        """A value ``tensor`` cannot go below, known from the op that makes it, or None."""
+        v = self._v
+        node = v.producer(tensor)
+        kind = v.kind(node)
         if kind in _LOWER_BOUNDS:
             return _LOWER_BOUNDS[kind]
         if kind == "Clip":
-            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
-            if low is None and "hardtanh" in str(node.target):
-                low = -1.0  # hardtanh's default
-            return float(low) if isinstance(low, (int, float)) else None
+            return v.clip_min(node)
         if kind in ("MaxPool", "AveragePool", "GlobalAveragePool") or (kind in DATA_MOVEMENT and kind != "Concat"):
-            source = node.args[0] if node.args else None
-            return self._lower_bound(source) if isinstance(source, torch.fx.Node) else None
+            source = v.arg(node, 0)
+            return self._lower_bound(source) if source is not None else None
         if kind == "Concat":
-            parts = node.args[0] if node.args else ()
-            bounds = [self._lower_bound(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+            bounds = [self._lower_bound(p) if p is not None else None for p in v.concat_parts(node)]
             return min(bounds) if bounds and None not in bounds else None
         return None
 
-    def _is_quantized_weighted(self, node: torch.fx.Node) -> bool:
-        return op_kind(node) in self.rules.weighted_kinds and bool(node.meta.get(QUANT_META))
-
-    def _through_quantizers(self, node: torch.fx.Node) -> torch.fx.Node:
-        # Observers and fake-quants inserted by later passes are identities for planning; looking
-        # through them keeps the plan (and `modified=False`) when annotate runs again after them.
-        while node.op == "call_module" and isinstance(
-            self._gm.get_submodule(node.target), (Observer, FakeQuant)
-        ):
-            node = node.args[0]
-        return node
+    def _is_quantized_weighted(self, tensor: object) -> bool:
+        node = self._v.producer(tensor)
+        return self._v.kind(node) in self.rules.weighted_kinds and bool(self._v.meta(node).get(QUANT_META))
 
 
 #: Lower bounds of op outputs: GELU's minimum is x·Φ(x) at x ≈ −0.752, −0.16997 (its tanh
@@ -312,17 +296,10 @@ class _Unsupported(Exception):
     """An op/format pair the backend cannot run (message: why)."""
 
 
-def _module_path(node: torch.fx.Node) -> str:
-    """The dotted path of the module that produced ``node`` (``features.0``), or ''."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _weight_spec(gm: torch.fx.GraphModule, weight: torch.fx.Node, axis: int | None, rules: BackendRules) -> QSpec:
-    channel = _axis(gm, weight, axis)
+def _weight_spec(shape: tuple[int, ...], axis: int | None, rules: BackendRules) -> QSpec:
+    channel = None if axis is None or len(shape) < 2 else axis % len(shape)  # rank 1: one scale
     if not rules.weight.block_size:
         return rules.weight_spec(channel)
-    shape = tuple(constant_value(gm, weight).shape)
     block = rules.weight.block_size
     if len(shape) != 2:
         raise _Unsupported(f"block-quantized weights must be 2-D, this one is {shape}")
@@ -332,12 +309,11 @@ def _weight_spec(gm: torch.fx.GraphModule, weight: torch.fx.Node, axis: int | No
     return rules.weight_spec(channel, reduction)
 
 
-def _check_dynamic(arg: torch.fx.Node, spec: QSpec) -> None:
+def _check_dynamic(shape: tuple | None, spec: QSpec) -> None:
     """TensorRT's dynamic block quantizers take 2-D/3-D inputs blocked on a whole last axis."""
     if not spec.dynamic:
         return
-    val = arg.meta.get("val")
-    shape = tuple(val.shape) if val is not None else ()
+    shape = shape or ()
     if len(shape) not in (2, 3):
         raise _Unsupported(f"dynamic {spec.dtype} quantization needs a 2-D or 3-D input, got rank {len(shape)}")
     last = shape[-1]
@@ -345,26 +321,9 @@ def _check_dynamic(arg: torch.fx.Node, spec: QSpec) -> None:
         raise _Unsupported(f"last dim {last} of the input is not a multiple of the block size {spec.block_size}")
 
 
-def _set_meta(node: torch.fx.Node, key: str, value: object) -> None:
+def _set_meta(meta: MutableMapping, key: str, value: object) -> None:
     if value is None:
-        node.meta.pop(key, None)
+        meta.pop(key, None)
     else:
-        node.meta[key] = value
+        meta[key] = value
 
-
-def _short(node: torch.fx.Node) -> str:
-    return str(getattr(node.target, "__name__", node.target))
-
-
-def _groups(node: torch.fx.Node) -> int:
-    # conv{1,2,3}d and conv_transpose{1,2,3}d both carry groups at position 6
-    if op_kind(node) not in ("Conv", "ConvTranspose"):
-        return 1
-    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
-
-
-def _axis(gm: torch.fx.GraphModule, weight: torch.fx.Node, axis: int | None) -> int | None:
-    rank = constant_value(gm, weight).dim()
-    if axis is None or rank < 2:
-        return None  # a rank-1 constant has no channel axis: one scale
-    return axis % rank

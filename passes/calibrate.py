@@ -4,12 +4,18 @@ Only observers that have not seen data yet are fed (the others are switched off 
 running ``calibrate`` twice does not count the same data twice and the second run reports
 ``modified=False``. The data is any iterable of input tuples (or single tensors, or dicts keyed
 by input name); a progress bar is shown when ``progress=True``.
+
+An ONNX model (onnx-ir) runs in onnxruntime instead, with the tensors its observers watch exposed
+as extra outputs; each batch feeds the same observers (and calibrators) as the torch graph, and
+is dropped before the next one, so memory holds one batch of activations, not the data set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+import onnx_ir as ir
 import torch
 import torch.fx
 from tqdm.auto import tqdm
@@ -17,6 +23,7 @@ from tqdm.auto import tqdm
 from qgraph._errors import QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.observers import Observer
+from qgraph.onnx_graph import OBSERVERS_META, session
 from qgraph.passes._util import batch_args
 
 __all__ = ["Calibrate"]
@@ -37,7 +44,9 @@ class Calibrate(Pass):
         self.data = data
         self.progress = progress
 
-    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+    def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
+        if isinstance(graph, ir.Model):
+            return self._call_onnx(graph)
         observers = [m for m in graph.modules() if isinstance(m, Observer)]
         fresh = [m for m in observers if m.batches == 0]
         if not fresh:
@@ -64,3 +73,32 @@ class Calibrate(Pass):
         if batches == 0:
             raise QGraphError("calibration data is empty")
         return PassResult(graph, True, {"batches": batches, "observers": len(fresh)})
+
+    def _call_onnx(self, model: ir.Model) -> PassResult:
+        """Run the model in onnxruntime with the observed tensors as extra outputs, batch by
+        batch; each batch's tensors go to their observers and are dropped (bounded memory)."""
+        observers = model.graph.meta.get(OBSERVERS_META, {})
+        fresh: dict[str, list[Observer]] = {}
+        for (name, _), observer in observers.items():
+            if observer.batches == 0:
+                fresh.setdefault(name, []).append(observer)
+        if not fresh:
+            return PassResult(model, False, {"batches": 0, "observers": 0})
+        values = {v.name: v for n in model.graph for v in n.outputs} | {v.name: v for v in model.graph.inputs}
+        names = [v.name for v in model.graph.inputs]
+        fetch = list(fresh)
+        batches = 0
+        with session(model, [values[n] for n in fetch]) as sess:
+            for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
+                feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
+                try:
+                    outs = sess.run(fetch, feeds)
+                except Exception as exc:
+                    raise QGraphError(f"the model failed on calibration batch {batches}: {first_line(exc)}") from None
+                for name, out in zip(fetch, outs):
+                    for observer in fresh[name]:
+                        observer(torch.from_numpy(out))
+                batches += 1
+        if batches == 0:
+            raise QGraphError("calibration data is empty")
+        return PassResult(model, True, {"batches": batches, "observers": sum(map(len, fresh.values()))})

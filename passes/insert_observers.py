@@ -4,19 +4,26 @@ One observer per (producer, spec): a tensor read by three quantized consumers (s
 projections) is observed once and all three read the observer's output. Weight edges get no
 observer: weights are constants and their ranges are read directly by ``insert-qdq``; nor do
 MX activations, whose block scales are computed at run time.
+
+On an ONNX model (onnx-ir) nothing is inserted into the graph: the observers are kept in
+``graph.meta`` keyed by (tensor name, spec), and ``calibrate`` feeds them from onnxruntime.
 """
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import torch
 import torch.fx
 
 from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
 from qgraph.calibrators import CALIBRATORS
+from qgraph.graph import unique_attr_name
 from qgraph.observers import Observer
+from qgraph.onnx_graph import OBSERVERS_META, is_dequantized, planned_edges
 from qgraph.passes._util import FLOAT_META, QUANT_META, insert_module_after, is_quantizer
-from qgraph.graph import op_kind, unique_attr_name
+from qgraph.quant import QSpec
+from qgraph.views import view_of
 
 __all__ = ["InsertObservers"]
 
@@ -56,18 +63,47 @@ class InsertObservers(Pass):
             opts["bins"] = self.bins
         return opts
 
-    def requires(self, graph: torch.fx.GraphModule) -> None:
-        if not any(QUANT_META in n.meta for n in graph.graph.nodes):
-            floats = [n for n in graph.graph.nodes if n.meta.get(FLOAT_META)]
+    def requires(self, graph: torch.fx.GraphModule | ir.Model) -> None:
+        view = view_of(graph)
+        ops = list(view.ops())
+        if not any(QUANT_META in view.meta(n) for n in ops):
+            floats = [n for n in ops if view.meta(n).get(FLOAT_META)]
             # the most telling reason: a GEMM's, then a Conv's, then any
-            floats.sort(key=lambda n: {"Gemm": 0, "MatMul": 0, "Conv": 1}.get(op_kind(n) or "", 2))
+            floats.sort(key=lambda n: {"Gemm": 0, "MatMul": 0, "Conv": 1}.get(view.kind(n) or "", 2))
             if floats:
                 raise PreconditionError(
-                    f"the plan quantizes nothing ({floats[0].name}: {floats[0].meta[FLOAT_META]})"
+                    f"the plan quantizes nothing ({view.names(floats[0])[0]}: {view.meta(floats[0])[FLOAT_META]})"
                 )
             raise PreconditionError("no quantization annotations: run `annotate` first")
 
-    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+    def _check_calibrator(self, spec: QSpec, index: int, name: str) -> None:
+        if self.calibrator in _INT8_GRID_CALIBRATORS and not spec.is_int8:
+            raise PreconditionError(
+                f"calibrator {self.calibrator} searches thresholds on the INT8 grid; "
+                f"input {index} of {name} is {spec.describe()}: use max or percentile"
+            )
+
+    def _observer(self, spec: QSpec, label: str) -> Observer:
+        return Observer(spec, self.calibrator, percentile=self.percentile, bins=self.bins, label=label)
+
+    def _call_onnx(self, model: ir.Model) -> PassResult:
+        """ONNX: the observers are kept beside the graph (``graph.meta``), keyed by tensor name;
+        ``calibrate`` runs the model in onnxruntime and feeds them."""
+        observers = model.graph.meta.setdefault(OBSERVERS_META, {})
+        inserted = 0
+        for node, index, value, spec in planned_edges(model):
+            if not spec.needs_calibration or spec.role == "weight" or is_dequantized(value):
+                continue
+            self._check_calibrator(spec, index, node.name)
+            if (value.name, spec) not in observers:
+                label = f"input {index} of {node.name} (tensor {value.name})"
+                observers[(value.name, spec)] = self._observer(spec, label)
+                inserted += 1
+        return PassResult(model, inserted > 0, {"observers": inserted})
+
+    def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
+        if isinstance(graph, ir.Model):
+            return self._call_onnx(graph)
         observers: dict[tuple[torch.fx.Node, object], torch.fx.Node] = {}
         inserted = 0
         for node in list(graph.graph.nodes):
@@ -75,21 +111,11 @@ class InsertObservers(Pass):
                 src = node.args[index]
                 if not spec.needs_calibration or is_quantizer(graph, src):
                     continue
-                if self.calibrator in _INT8_GRID_CALIBRATORS and not spec.is_int8:
-                    raise PreconditionError(
-                        f"calibrator {self.calibrator} searches thresholds on the INT8 grid; "
-                        f"input {index} of {node.name} is {spec.describe()}: use max or percentile"
-                    )
+                self._check_calibrator(spec, index, node.name)
                 key = (src, spec)
                 if key not in observers:
                     name = unique_attr_name(graph, f"obs_{src.name}")
-                    module = Observer(
-                        spec,
-                        self.calibrator,
-                        percentile=self.percentile,
-                        bins=self.bins,
-                        label=f"input {index} of {node.name} (output of {src.name})",
-                    )
+                    module = self._observer(spec, f"input {index} of {node.name} (output of {src.name})")
                     observers[key] = insert_module_after(graph, src, name, module)
                     inserted += 1
                 node.update_arg(index, observers[key])

@@ -7,17 +7,26 @@ for FP8, the NVFP4 per-tensor scale ``amax / 2688``). Every annotated constant w
 weight itself. Activations that need no calibration (MX: block scales at run time) get their
 quantizer directly. The fake-quant ops (``qgraph::fake_quant``, ``qgraph::fake_quant_fmt``,
 ``qgraph::fake_quant_dynamic``) are what the backends export as Q/DQ computing the same codes.
+
+On an ONNX model (onnx-ir) the pass writes the Q/DQ itself: a QuantizeLinear → DequantizeLinear
+pair on each calibrated activation, and each quantized weight stored as codes (computed by
+``qgraph.formats`` from the same scales) read by a DequantizeLinear. INT8/UINT8 and FP8 specs,
+per tensor or per channel; block formats take the torch door.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
 import torch
 import torch.fx
 
 from qgraph._errors import PreconditionError
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, unique_attr_name
+from qgraph import formats
 from qgraph.observers import Observer
+from qgraph.onnx_graph import OBSERVERS_META, SOURCE_META, add_initializer, is_dequantized, planned_edges
 from qgraph.passes._util import QUANT_META, insert_module_after, is_quantizer
 from qgraph.quant import FakeQuant, QSpec
 
@@ -29,12 +38,19 @@ class InsertQDQ(Pass):
 
     name = "insert-qdq"
 
-    def requires(self, graph: torch.fx.GraphModule) -> None:
+    def requires(self, graph: torch.fx.GraphModule | ir.Model) -> None:
+        if isinstance(graph, ir.Model):
+            for (name, _), observer in graph.graph.meta.get(OBSERVERS_META, {}).items():
+                if observer.batches == 0:
+                    raise PreconditionError(f"the observer of {name} has seen no data: run `calibrate` first")
+            return
         for name, module in graph.named_modules():
             if isinstance(module, Observer) and module.batches == 0:
                 raise PreconditionError(f"observer {name} has seen no data: run `calibrate` first")
 
-    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+    def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
+        if isinstance(graph, ir.Model):
+            return _call_onnx(graph)
         activations = self._replace_observers(graph)
         weights, dynamic = self._quantize_constants_and_dynamic(graph)
         activations += dynamic
@@ -82,3 +98,81 @@ class InsertQDQ(Pass):
                     made[key] = insert_module_after(gm, src, name, quantizer())
                 node.update_arg(index, made[key])
         return len(made) - dynamic, dynamic
+
+
+def _call_onnx(model: ir.Model) -> PassResult:
+    """ONNX: a QuantizeLinear → DequantizeLinear pair on every calibrated activation edge, and
+    weights stored as codes read by a DequantizeLinear; scales by the same rules as the torch
+    graph's fake-quants (one pair per tensor and spec, shared by its readers)."""
+    graph = model.graph
+    observers = graph.meta.get(OBSERVERS_META, {})
+    made: dict[tuple[str, QSpec], ir.Value] = {}
+    counts = {"activations": 0, "weights": 0}
+    for node, index, value, spec in list(planned_edges(model)):
+        if is_dequantized(value):
+            continue
+        key = (value.name, spec)
+        if key not in made:
+            if spec.block_size or spec.dynamic:
+                raise PreconditionError(
+                    f"input {index} of {node.name}: {spec.describe()} is not lowered from ONNX input "
+                    "(block formats need the torch door: export a .pt2)"
+                )
+            if spec.role == "weight" and value.const_value is not None:
+                fq = FakeQuant.for_weight(spec, torch.from_numpy(np.array(value.const_value.numpy(), np.float32)))
+                made[key] = _dequantize_weight(graph, node, value, fq)
+                counts["weights"] += 1
+            elif key in observers:
+                fq = FakeQuant.for_activation(spec, observers[key].amax())
+                made[key] = _quantize_dequantize(graph, node, value, fq)
+                counts["activations"] += 1
+            else:
+                raise PreconditionError(f"input {index} of {node.name} has no observer: run `insert-observers` first")
+        node.replace_input_with(index, made[key])
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)  # float weights now read through their codes only
+    graph.meta.pop(OBSERVERS_META, None)
+    return PassResult(model, any(counts.values()), counts)
+
+
+def _qparams(graph: ir.Graph, base: str, fq: FakeQuant) -> tuple[ir.Value, ir.Value, list[ir.Attr]]:
+    spec = fq.spec
+    scale = fq.scale.detach().numpy().astype(np.float32)
+    if spec.is_int8:
+        zero_point = fq.zero_point.numpy()
+    else:
+        zero_point = np.zeros(scale.shape, spec.element.np_dtype)
+    attrs = [ir.AttrInt64("axis", spec.axis)] if spec.axis is not None and scale.ndim else []
+    return add_initializer(graph, f"{base}_scale", scale), add_initializer(graph, f"{base}_zero_point", zero_point), attrs
+
+
+def _dequantize_weight(graph: ir.Graph, node: ir.Node, weight: ir.Value, fq: FakeQuant) -> ir.Value:
+    scale, zero_point, attrs = _qparams(graph, weight.name, fq)
+    codes = formats.quantize(
+        weight.const_value.numpy().astype(np.float32), scale.const_value.numpy(), fq.spec.element,
+        zero_point.const_value.numpy(), fq.spec.axis,
+    )
+    code_value = add_initializer(graph, f"{weight.name}_quantized", codes)
+    code_value.meta[SOURCE_META] = weight
+    dq = ir.Node("", "DequantizeLinear", [code_value, scale, zero_point], attrs, name=f"{weight.name}_DequantizeLinear")
+    _name_output(dq, weight, "dequantized")
+    graph.insert_before(node, dq)
+    return dq.outputs[0]
+
+
+def _quantize_dequantize(graph: ir.Graph, node: ir.Node, value: ir.Value, fq: FakeQuant) -> ir.Value:
+    scale, zero_point, attrs = _qparams(graph, value.name, fq)
+    q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], attrs, name=f"{value.name}_QuantizeLinear")
+    q.outputs[0].name = f"{value.name}_quantized"
+    q.outputs[0].type = ir.TensorType(zero_point.dtype)
+    q.outputs[0].shape = value.shape
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero_point], attrs, name=f"{value.name}_DequantizeLinear")
+    _name_output(dq, value, "dequantized")
+    graph.insert_before(node, [q, dq])
+    return dq.outputs[0]
+
+
+def _name_output(dq: ir.Node, source: ir.Value, suffix: str) -> None:
+    dq.outputs[0].name = f"{source.name}_{suffix}"
+    dq.outputs[0].type = source.type or ir.TensorType(ir.DataType.FLOAT)
+    dq.outputs[0].shape = source.shape

@@ -17,7 +17,11 @@ __all__ = ["verify"]
 
 
 def verify(gm: torch.fx.GraphModule) -> None:
-    """Raise :class:`~qgraph.VerifierError` naming the first problem found in ``gm``."""
+    """Raise :class:`~qgraph.VerifierError` naming the first problem found in ``gm``
+    (a GraphModule, or an onnx-ir model: see :func:`verify_onnx`)."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        verify_onnx(gm)
+        return
     try:
         gm.graph.lint()
     except Exception as exc:  # fx raises RuntimeError or AssertionError
@@ -39,3 +43,23 @@ def verify(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
     except Exception as exc:
         raise VerifierError(f"graph code does not compile: {exc}") from None
+
+
+def verify_onnx(model) -> None:  # noqa: ANN001 - an onnx_ir.Model
+    """An onnx-ir model: nodes in topological order (every input defined before it is read),
+    value names unique, every graph output defined."""
+    graph = model.graph
+    defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    names: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and id(value) not in defined:
+                raise VerifierError(f"node {node.name} ({node.op_type}) reads {value.name!r} before it is defined")
+        for value in node.outputs:
+            if value.name in names:
+                raise VerifierError(f"value name {value.name!r} is defined twice")
+            names.add(value.name)
+            defined.add(id(value))
+    for value in graph.outputs:
+        if id(value) not in defined:
+            raise VerifierError(f"graph output {value.name!r} is not defined")
