@@ -60,6 +60,7 @@ class Annotate(Pass):
     """
 
     name = "annotate"
+    graphs = ("fx", "onnx")
     context_keys = ("rules", "overrides", "fallback")
 
     def __init__(

@@ -38,6 +38,7 @@ class Calibrate(Pass):
     """
 
     name = "calibrate"
+    graphs = ("fx", "onnx")
     context_keys = ("data", "progress")
 
     def __init__(self, data: Iterable = (), progress: bool = False) -> None:

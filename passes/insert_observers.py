@@ -41,6 +41,7 @@ class InsertObservers(Pass):
     """
 
     name = "insert-observers"
+    graphs = ("fx", "onnx")
 
     def __init__(self, calibrator: str = "max", percentile: float = 99.99, bins: int = 2048) -> None:
         if calibrator not in CALIBRATORS:

@@ -37,6 +37,7 @@ class InsertQDQ(Pass):
     """Turn the calibrated plan into fake-quant nodes. Counts: ``activations``, ``weights``."""
 
     name = "insert-qdq"
+    graphs = ("fx", "onnx")
 
     def requires(self, graph: torch.fx.GraphModule | ir.Model) -> None:
         if isinstance(graph, ir.Model):

@@ -56,6 +56,8 @@ class Pass:
     """
 
     name: str = "pass"
+    #: the graphs the pass works on: ``fx`` (torch.fx GraphModule), ``onnx`` (onnx-ir Model)
+    graphs: tuple[str, ...] = ("fx",)
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__}.call")
@@ -71,6 +73,10 @@ class Pass:
         return {}
 
     def __call__(self, graph: torch.fx.GraphModule) -> PassResult:
+        import torch.fx
+
+        if not isinstance(graph, torch.fx.GraphModule) and "onnx" not in self.graphs:
+            raise PreconditionError(f"{self.name} runs on torch graphs only, not on ONNX models (export a .pt2)")
         self.requires(graph)
         result = self.call(graph)
         if not isinstance(result, PassResult):
@@ -98,6 +104,7 @@ class Sequential(Pass):
     """
 
     name = "sequential"
+    graphs = ("fx", "onnx")
 
     def __init__(
         self,

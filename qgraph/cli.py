@@ -84,7 +84,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _lower(args: argparse.Namespace) -> int:
     from qgraph.driver import check_writable, lower_file, write_atomic
-    from qgraph.report import format_plan
 
     if args.pipeline and args.calibrator:
         raise InputError("give --calibrator or --pipeline, not both (put the calibrator in the spec)")
@@ -124,7 +123,7 @@ def _lower(args: argparse.Namespace) -> int:
             f"{counts.get('insert-qdq.activations', 0)} activation and "
             f"{counts.get('insert-qdq.weights', 0)} weight quantizers"
         )
-        for line in format_plan(result.graph):
+        for line in result.plan:
             print(line)
         print(f"calibration: {result.calib_samples} samples in {calib:.2f} s")
         print(f"lowering to ONNX: {result.lower_seconds:.2f} s; total {time.perf_counter() - start:.2f} s")

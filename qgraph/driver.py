@@ -22,8 +22,9 @@ from qgraph._errors import InputError, QGraphError, first_line
 from qgraph.capture import input_specs, load_pt2
 from qgraph.data import CalibrationData
 from qgraph.instruments import DumpInstrument, TimingInstrument
-from qgraph.parity import CodeAgreement, ParityReport, check_codes, check_parity
+from qgraph.parity import CodeAgreement, ParityReport, check_codes, check_parity, compare_models
 from qgraph.pipeline import build_pipeline
+from qgraph.report import format_plan
 
 __all__ = ["DEFAULT_PIPELINE", "LoweringResult", "load_model", "quantize", "lower_file", "write_atomic"]
 
@@ -48,6 +49,7 @@ class LoweringResult:
     form: str = "deploy"
     parity_form: str = "deploy"
     runnable: bytes = b""  # the ONNX that onnxruntime ran for parity (the output, or its reference form)
+    plan: list[str] = dataclasses.field(default_factory=list)  # format_plan lines, read before lowering
 
     def codes_summary(self) -> str:
         """One line on activation-code agreement (or why it was not compared)."""
@@ -85,15 +87,26 @@ def resolve_recipe(module, precision: str, overrides=(), fallback: bool = False)
 
 
 def load_model(path: str | Path) -> torch.fx.GraphModule:
-    """A private GraphModule from a ``.pt2`` torch.export archive or a float ``.onnx`` model."""
+    """A private GraphModule from a ``.pt2`` torch.export archive or a float ``.onnx`` model
+    (read into torch by ``qgraph.onnx_import``; :func:`lower_file` takes ONNX models natively)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
-    if path.suffix == ".pt2" or zipfile.is_zipfile(path):
+    if _is_pt2(path):
         return load_pt2(path)
     from qgraph.onnx_import import load_onnx
 
     return load_onnx(path)
+
+
+def _is_pt2(path: Path) -> bool:
+    return path.suffix == ".pt2" or zipfile.is_zipfile(path)
+
+
+#: Recipes the ONNX door lowers natively (per-tensor / per-channel Q/DQ on the ONNX graph). Block
+#: formats and the reference form read an ONNX model into torch instead (``qgraph.onnx_import``:
+#: the ops it knows only), so they get the torch door's fake-quant simulation.
+ONNX_PRECISIONS = ("int8", "fp8")
 
 
 def quantize(
@@ -156,6 +169,14 @@ def lower_file(
     rules, override_rules, fallback_rules = resolve_recipe(module, precision, overrides, fallback)
     if form == "deploy" and precision in getattr(module, "REFERENCE_ONLY", ()):
         raise InputError(module.REFERENCE_ONLY[precision])  # before any calibration work
+    if not Path(model_path).is_file():
+        raise InputError(f"{model_path}: no such model file")
+    if not _is_pt2(Path(model_path)) and precision in ONNX_PRECISIONS and form == "deploy":
+        return _lower_onnx_file(
+            module, model_path, calib_path, rules=rules, overrides=override_rules, fallback=fallback_rules,
+            precision=precision, form=form, pipeline=pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator),
+            batch_size=batch_size, parity_samples=parity_samples, progress=progress, dump_dir=dump_dir,
+        )
     gm = load_model(model_path)
     if calib_path is None:
         raise InputError("--calib DATA is required: PTQ needs calibration data")
@@ -197,7 +218,50 @@ def lower_file(
     report = module.inspect_model(onnx.load_from_string(onnx_bytes)) if form == "deploy" else None
     return LoweringResult(
         onnx_bytes, gm, spec, counts, seconds, lower_seconds, parity, codes, report, data.samples,
-        form, parity_form, runnable,
+        form, parity_form, runnable, format_plan(gm),
+    )
+
+
+def _lower_onnx_file(
+    module, model_path, calib_path, *, rules, overrides, fallback, precision, form, pipeline,  # noqa: ANN001
+    batch_size, parity_samples, progress, dump_dir,  # noqa: ANN001
+) -> LoweringResult:
+    """The ONNX door: the passes run on the onnx-ir model itself, calibration in onnxruntime."""
+    from qgraph.onnx_graph import input_specs as onnx_input_specs
+    from qgraph.onnx_graph import load_onnx_model, serialize, upgrade_opset
+
+    model = load_onnx_model(model_path)
+    model = upgrade_opset(model, 19 if precision == "fp8" else 13)  # FP8 Q/DQ; per-channel INT8 Q/DQ
+    if calib_path is None:
+        raise InputError("--calib DATA is required: PTQ needs calibration data")
+    specs = onnx_input_specs(model)
+    static_batch = specs[0][1][0] if specs and specs[0][1] else None
+    if static_batch is not None:
+        batch_size = static_batch
+    data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
+    float_model = serialize(model)
+    counts, seconds = quantize(
+        model, data, rules=rules, pipeline=pipeline, progress=progress, dump_dir=dump_dir,
+        overrides=overrides, fallback=fallback,
+    )
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph):
+        raise QGraphError("pipeline quantized nothing: it needs annotate, insert-observers, calibrate, insert-qdq")
+    plan = format_plan(model)  # before the backend rewrites the graph
+    start = time.perf_counter()
+    try:
+        onnx_bytes = module.lower_onnx(model)
+    except QGraphError:
+        raise
+    except Exception as exc:
+        raise QGraphError(f"lowering failed: {first_line(exc)}") from None
+    lower_seconds = time.perf_counter() - start
+    sample = data.take(static_batch or min(parity_samples, data.samples))
+    parity = compare_models(float_model, onnx_bytes, sample)
+    codes = "activation codes: not compared (ONNX input: there is no torch fake-quant graph)"
+    report = module.inspect_model(onnx.load_from_string(onnx_bytes))
+    return LoweringResult(
+        onnx_bytes, model, pipeline, counts, seconds, lower_seconds, parity, codes, report, data.samples,
+        "deploy", "deploy", onnx_bytes, plan,
     )
 
 

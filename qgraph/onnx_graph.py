@@ -32,6 +32,7 @@ __all__ = [
     "OnnxView",
     "load_onnx_model",
     "upgrade_opset",
+    "input_specs",
     "model_opset",
     "serialize",
     "session",
@@ -101,6 +102,18 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     with contextlib.suppress(Exception):  # shapes are a help, not a must (custom ops have none)
         common.ShapeInferencePass()(model)
     return model
+
+
+def input_specs(model: ir.Model) -> list[tuple[str, tuple[int | None, ...], object]]:
+    """``(name, shape, dtype)`` of every model input; symbolic dimensions are None."""
+    import torch
+
+    specs = []
+    for value in model.graph.inputs:
+        dtype = value.dtype or ir.DataType.FLOAT
+        shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        specs.append((value.name, shape, torch.from_numpy(np.zeros(0, dtype.numpy())).dtype))
+    return specs
 
 
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:

@@ -24,6 +24,7 @@ class ParityReport:
 
     outputs: tuple[tuple[str, float, float], ...]
     samples: int
+    reference: str = "torch fake-quant"
 
     @property
     def max_error(self) -> float:
@@ -38,7 +39,7 @@ class ParityReport:
             f"{name} max|err| {err:.3g} ({100 * err / ref if ref else 0:.3f}% of max|y|)"
             for name, err, ref in self.outputs
         ]
-        return f"parity (onnxruntime vs torch fake-quant, {self.samples} samples): " + "; ".join(parts)
+        return f"parity (onnxruntime vs {self.reference}, {self.samples} samples): " + "; ".join(parts)
 
 
 #: ONNX element types below 8-bit integers: FP8, INT4/UINT4, FP4.
@@ -89,6 +90,19 @@ def check_parity(
         err = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
         outputs.append((meta.name, err, float(np.max(np.abs(w))) if w.size else 0.0))
     return ParityReport(tuple(outputs), int(inputs[0].shape[0]))
+
+
+def compare_models(reference: bytes, model: bytes, inputs: tuple[torch.Tensor, ...]) -> ParityReport:
+    """Run two ONNX models with the same inputs in onnxruntime and compare every output (the
+    ONNX door: the quantized model against the float model it came from)."""
+    sessions = [session(reference), session(model)]
+    feeds = {i.name: t.numpy() for i, t in zip(sessions[0].get_inputs(), inputs)}
+    want, got = (s.run(None, feeds) for s in sessions)
+    outputs = []
+    for meta, g, w in zip(sessions[1].get_outputs(), got, want):
+        err = float(np.max(np.abs(g.astype(np.float64) - w))) if w.size else 0.0
+        outputs.append((meta.name, err, float(np.max(np.abs(w))) if w.size else 0.0))
+    return ParityReport(tuple(outputs), int(inputs[0].shape[0]), "the float model")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,39 +4,40 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch.fx
-
-from qgraph.graph import op_kind
 from qgraph.quant import FALLBACK_META, FLOAT_META, QUANT_META
+from qgraph.views import view_of
 
-__all__ = ["plan_summary"]
+__all__ = ["plan_summary", "format_plan"]
 
 
-
-def plan_summary(gm: torch.fx.GraphModule) -> tuple[Counter, dict[tuple[str, str], int]]:
-    """(quantized op kinds → count, (op kind, reason) → count of ops left in float)."""
+def plan_summary(graph: object) -> tuple[Counter, dict[tuple[str, str], int]]:
+    """(quantized op kinds → count, (op kind, reason) → count of ops left in float) of an
+    annotated GraphModule or onnx-ir model."""
+    view = view_of(graph)
     quantized: Counter = Counter()
     left: dict[tuple[str, str], int] = {}
-    for node in gm.graph.nodes:
-        if node.meta.get(QUANT_META):
-            quantized[op_kind(node) or node.name] += 1
-        elif node.meta.get(FLOAT_META):
-            key = (op_kind(node) or str(node.target), node.meta[FLOAT_META])
+    for node in view.ops():
+        meta = view.meta(node)
+        if meta.get(QUANT_META):
+            quantized[view.kind(node) or view.describe(node)] += 1
+        elif meta.get(FLOAT_META):
+            key = (view.kind(node) or view.describe(node), meta[FLOAT_META])
             left[key] = left.get(key, 0) + 1
     return quantized, left
 
 
-def format_plan(gm: torch.fx.GraphModule) -> list[str]:
+def format_plan(graph: object) -> list[str]:
     """Summary lines: ``quantized: Conv×4, Add×1`` and one line per float reason."""
-    quantized, left = plan_summary(gm)
+    quantized, left = plan_summary(graph)
     lines = [
         f"quantized ({sum(quantized.values())} ops): "
         + (", ".join(f"{k}×{v}" for k, v in sorted(quantized.items())) or "none")
     ]
     fell_back: dict[tuple[str, str], int] = {}
-    for node in gm.graph.nodes:
-        if node.meta.get(FALLBACK_META):
-            key = (op_kind(node) or node.name, node.meta[FALLBACK_META])
+    view = view_of(graph)
+    for node in view.ops():
+        if view.meta(node).get(FALLBACK_META):
+            key = (view.kind(node) or view.describe(node), view.meta(node)[FALLBACK_META])
             fell_back[key] = fell_back.get(key, 0) + 1
     if fell_back:
         lines.append(f"fell back ({sum(fell_back.values())} ops, allowed by fallback):")

@@ -243,19 +243,19 @@ def test_lower_float_onnx(onnx_model_file, tmp_path, capsys):
     assert "already quantized" in _bad(tmp_path, out, calib, capsys)
 
 
-def test_onnx_with_unsupported_op(tmp_path, capsys):
-    from onnx import TensorProto, helper
+def test_onnx_ops_without_a_rule_stay_float(tmp_path, capsys):
+    """The ONNX door: an op qgraph has no rule for (Cos) stays in float and is listed."""
+    from onnx import numpy_helper
 
-    graph = helper.make_graph(
-        [helper.make_node("Cos", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-    )
-    path = tmp_path / "cos.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    err = _bad(tmp_path, path, _npz(tmp_path, x=np.ones((4, 4), np.float32)), capsys)
-    assert "ONNX op Cos is not supported" in err
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32), "W")
+    path = _tiny_onnx(tmp_path / "cos.onnx", [onnx.helper.make_node("MatMul", ["x", "W"], ["h"]),
+                                              onnx.helper.make_node("Cos", ["h"], ["y"])], [w])
+    out = tmp_path / "o.onnx"
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32))
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized (1 ops): MatMul×1" in printed and "Cos×1: no rule for it (tensorrt int8)" in printed
+    assert [n.op_type for n in onnx.load(str(out)).graph.node][-1] == "Cos"
 
 
 def test_matmul_with_transposed_and_left_constant_weights(tmp_path, capsys):
@@ -426,11 +426,14 @@ def test_bad_onnx_models_get_one_line_and_no_output(tmp_path, capsys, backend):
     from onnx import helper, numpy_helper
 
     calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32))
-    custom = _tiny_onnx(tmp_path / "custom.onnx", [helper.make_node("FooBar", ["x"], ["y"], domain="my.ops")],
-                        opsets=(("", 17), ("my.ops", 1)))
-    assert "op my.ops::FooBar is not supported" in _bad(tmp_path, custom, calib, capsys, "--backend", backend)
+    w4 = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    custom = _tiny_onnx(tmp_path / "custom.onnx", [helper.make_node("MatMul", ["x", "W"], ["h"]),
+                                                   helper.make_node("FooBar", ["h"], ["y"], domain="my.ops")],
+                        [w4], opsets=(("", 17), ("my.ops", 1)))
+    err = _bad(tmp_path, custom, calib, capsys, "--backend", backend)
+    assert "onnxruntime cannot run the model" in err and "FooBar" in err
     no_weights = _tiny_onnx(tmp_path / "relu.onnx", [helper.make_node("Relu", ["x"], ["y"])])
-    assert "the plan quantizes nothing" in _bad(tmp_path, no_weights, calib, capsys, "--backend", backend)
+    assert "model has no float weights" in _bad(tmp_path, no_weights, calib, capsys, "--backend", backend)
     w = numpy_helper.from_array(np.ones((8, 2), np.float32), "W")
     wider = _tiny_onnx(tmp_path / "mm.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])], [w], width=8, out=2)
     assert "the model expects (N, 8)" in _bad(tmp_path, wider, calib, capsys, "--backend", backend)

@@ -46,7 +46,7 @@ from qgraph.backends._onnx import const_array
 from qgraph.backends.onnxruntime.rules import OPSET
 from qgraph.quant import FakeQuant
 
-__all__ = ["lower", "to_onnxruntime", "ort_runnable", "FORMS", "REFERENCE_ONLY"]
+__all__ = ["lower", "lower_onnx", "to_onnxruntime", "ort_runnable", "FORMS", "REFERENCE_ONLY"]
 
 #: onnxruntime runs what it is given: the deploy form is its own reference.
 FORMS = ("deploy",)
@@ -76,6 +76,22 @@ def lower(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], fo
             f"the onnxruntime backend lowers INT8 plans only (its CPU int8 kernels); this graph has {other[0]}"
         )
     model = _onnx.export_onnx(gm, example_inputs, opset=OPSET, form="deploy")
+    to_onnxruntime(model)
+    return _onnx.serialize(model)
+
+
+def lower_onnx(model: ir.Model) -> bytes:
+    """An ONNX model quantized in place by the passes (the ONNX door, INT8 plan) as ORT-fusable
+    QDQ bytes: the rewrites of the module docstring, then a checked, deterministic serialization."""
+    other = sorted({
+        str(v.const_value.dtype) for n in model.graph if n.op_type == "DequantizeLinear"
+        for v in n.inputs[2:3] if v is not None and v.const_value is not None
+        and v.const_value.dtype not in (ir.DataType.INT8, ir.DataType.UINT8)
+    })
+    if other:
+        raise QGraphError(
+            f"the onnxruntime backend lowers INT8 plans only (its CPU int8 kernels); this model has {other[0]} Q/DQ"
+        )
     to_onnxruntime(model)
     return _onnx.serialize(model)
 

@@ -1,7 +1,7 @@
 """TensorRT backend: explicit-quantization QDQ ONNX (symmetric, zero-point 0, per-channel weights)."""
 
 from qgraph.backends.tensorrt.check import InspectReport, inspect_model
-from qgraph.backends.tensorrt.lower import FORMS, lower, ort_runnable, required_opset
+from qgraph.backends.tensorrt.lower import FORMS, lower, lower_onnx, ort_runnable, required_opset
 from qgraph.backends.tensorrt.rules import (
     FP8,
     INT8,
@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHTED_KINDS",
     "FORMS",
     "lower",
+    "lower_onnx",
     "ort_runnable",
     "required_opset",
     "inspect_model",

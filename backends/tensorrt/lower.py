@@ -10,7 +10,7 @@ from qgraph.backends import _onnx
 from qgraph.backends.tensorrt.rules import OPSET, REFERENCE_ONLY
 from qgraph.quant import FakeQuant, QSpec
 
-__all__ = ["lower", "required_opset", "ort_runnable", "FORMS"]
+__all__ = ["lower", "lower_onnx", "required_opset", "ort_runnable", "FORMS"]
 
 #: ``deploy``: what TensorRT parses; ``reference``: standard ops onnxruntime's CPU provider runs.
 FORMS = ("deploy", "reference")
@@ -60,4 +60,15 @@ def lower(
     if form == "reference" and all(s.is_int8 for s in specs):
         opset = OPSET  # nothing to rewrite: the INT8 deploy form is its own reference
     model = _onnx.export_onnx(gm, example_inputs, opset=opset, form=form)
+    return _onnx.serialize(model)
+
+
+def lower_onnx(model) -> bytes:  # noqa: ANN001 - an onnx_ir.Model after insert-qdq
+    """An ONNX model quantized in place by the passes (the ONNX door) as TensorRT QDQ bytes.
+
+    ``insert-qdq`` already wrote TensorRT's form (symmetric Q/DQ with zero-point 0, weight codes
+    read by per-channel DequantizeLinear); this checks it with ``onnx.checker`` and serializes it
+    deterministically. The model must be at an opset that holds its quantizers (13 for INT8
+    per-channel scales, 19 for FP8: ``qgraph.onnx_graph.upgrade_opset``).
+    """
     return _onnx.serialize(model)

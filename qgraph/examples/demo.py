@@ -18,7 +18,6 @@ from qgraph.examples.digits import CALIB_PATH, MODEL_PATH, TEST_PATH
 from qgraph.graph import op_kind
 from qgraph.parity import session
 from qgraph.quant import QUANT_META
-from qgraph.report import format_plan
 
 __all__ = ["run_demo", "onnx_accuracy"]
 
@@ -59,7 +58,7 @@ def run_demo(output: str, calibrator: str = "max", precision: str = "int8", form
     write_atomic(output, result.onnx)
     fp32 = onnx_accuracy(float_onnx(), x, y)
     quant = onnx_accuracy(result.runnable, x, y)
-    plan = format_plan(result.graph)
+    plan = result.plan
     n = sum(1 for node in result.graph.graph.nodes if op_kind(node) in WEIGHTED_KINDS)
     q = sum(1 for node in result.graph.graph.nodes if op_kind(node) in WEIGHTED_KINDS and node.meta.get(QUANT_META))
     for line in plan:
