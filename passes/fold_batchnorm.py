@@ -190,12 +190,11 @@ def _try_fold_onnx(graph: ir.Graph, bn: ir.Node) -> bool:
         bias = add_initializer(graph, f"{w_value.name}_bias", new_b.numpy())
         producer.resize_inputs(3)
         producer.replace_input_with(2, bias)
-    out = bn.outputs[0]
-    producer.outputs[0].shape = out.shape
-    out.replace_all_uses_with(producer.outputs[0])
+    out, folded = bn.outputs[0], producer.outputs[0]
+    folded.shape = out.shape
     if out.is_graph_output():  # the model's output keeps its name
-        graph.outputs[graph.outputs.index(out)] = producer.outputs[0]
-        producer.outputs[0].name, out.name = out.name, f"{out.name}_unfolded"
+        out.name, folded.name = f"{out.name}_unfolded", out.name
+    out.replace_all_uses_with(folded, replace_graph_outputs=True)
     graph.remove(bn, safe=True)
     return True
 

@@ -99,9 +99,20 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     weights = [v for v in model.graph.initializers.values() if v.dtype in _FLOAT_TYPES and v.const_value is not None and v.const_value.size > 1]
     if not weights:
         raise InputError(f"{path}: model has no float weights: nothing to quantize")
+    _load_external_data(model)
     with contextlib.suppress(Exception):  # shapes are a help, not a must (custom ops have none)
         common.ShapeInferencePass()(model)
     return model
+
+
+def _load_external_data(model: ir.Model) -> None:
+    """Read external-data weights into memory when they fit in one ONNX message (< 1 GB), so the
+    model is self-contained; bigger models keep them on disk (read when used, saved as external
+    data again)."""
+    external = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if external and sum(v.const_value.nbytes for v in external) <= _INLINE_LIMIT:
+        for value in external:
+            value.const_value = ir.tensor(np.array(value.const_value.numpy()), name=value.name)
 
 
 def input_specs(model: ir.Model) -> list[tuple[str, tuple[int | None, ...], object]]:

@@ -61,6 +61,8 @@ _UNKNOWN = "not an op qgraph knows"
 
 
 def _short(kind: str) -> str:
-    """``aten.arange.default`` → ``arange``."""
+    """``aten.arange.default`` → ``arange``; ONNX ``domain::Op`` as it is."""
+    if "::" in kind:
+        return kind
     name = kind.removeprefix("aten.")
     return name.rsplit(".", 1)[0] if "." in name else name

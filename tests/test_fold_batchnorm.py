@@ -301,3 +301,73 @@ def test_folds_one_bn_and_refuses_another_in_the_same_graph():
     qgraph.verify(gm)
     _assert_close_to_eager(gm(x), model(x))
     assert FoldBatchNorm()(copy.deepcopy(gm)).modified is False
+
+
+# --- the same pass on ONNX models (onnx-ir) ----------------------------------------------------------
+
+
+def _onnx_bn_model(producer: str, *, shared_weight: bool = False, second_reader: bool = False):  # noqa: ANN202
+    """x → Conv|ConvTranspose(groups 2)|Gemm(transB 0) → BatchNormalization → y, as onnx-ir."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 4
+    if producer == "Gemm":
+        x_shape, w_shape, attrs = ["N", 6], (6, c), {}
+    elif producer == "Conv":
+        x_shape, w_shape, attrs = ["N", 3, 5, 5], (c, 3, 3, 3), {"pads": [1, 1, 1, 1]}
+    else:
+        x_shape, w_shape, attrs = ["N", 4, 5, 5], (4, c // 2, 3, 3), {"group": 2}
+    inits = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "W")]
+    for name, values in (("scale", rng.random(c) + 0.5), ("B", rng.standard_normal(c) * 0.1),
+                         ("mean", rng.standard_normal(c) * 0.1), ("var", rng.random(c) + 0.5)):
+        inits.append(numpy_helper.from_array(values.astype(np.float32), name))
+    nodes = [helper.make_node(producer, ["x", "W"], ["h"], name="producer", **attrs),
+             helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["y"], name="bn", epsilon=1e-3)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared_weight:
+        nodes.append(helper.make_node(producer, ["x", "W"], ["z"], name="twin", **attrs))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["h"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal([3 if d == "N" else d for d in x_shape]).astype(np.float32)
+    return ir.serde.deserialize_model(proto), x
+
+
+def _ort(model, x):  # noqa: ANN001, ANN202
+    import onnxruntime as ort
+
+    from qgraph.onnx_graph import serialize
+
+    sess = ort.InferenceSession(serialize(model), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+@pytest.mark.parametrize("producer", ["Conv", "ConvTranspose", "Gemm"])
+def test_onnx_fold_census_numerics_and_idempotence(producer):
+    import numpy as np
+
+    from qgraph.verify import verify
+
+    model, x = _onnx_bn_model(producer)
+    before = _ort(model, x)
+    result = FoldBatchNorm()(model)
+    assert result.modified and result.counts["folded"] == 1
+    assert [n.op_type for n in model.graph] == [producer]
+    assert model.graph.outputs[0].name == "y"  # the model's output keeps its name
+    assert sorted(model.graph.initializers) == ["W", "W_bias"]  # BN statistics are gone
+    verify(model)
+    np.testing.assert_allclose(_ort(model, x)[0], before[0], rtol=1e-5, atol=1e-5)
+    assert not FoldBatchNorm()(model).modified
+
+
+@pytest.mark.parametrize("near_miss", ["shared_weight", "second_reader"])
+def test_onnx_fold_near_misses_untouched(near_miss):
+    model, x = _onnx_bn_model("Conv", **{near_miss: True})
+    result = FoldBatchNorm()(model)
+    assert not result.modified and "BatchNormalization" in [n.op_type for n in model.graph]

@@ -1,0 +1,265 @@
+"""The ONNX front door: the passes run on onnx-ir models and give the torch door's plan."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph import PreconditionError, Sequential, capture
+from qgraph.backends import onnxruntime as ort_backend
+from qgraph.backends import tensorrt
+from qgraph.cli import main
+from qgraph.examples.zoo import ZOO, make
+from qgraph.onnx_graph import load_onnx_model, serialize
+from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ, SmoothQuant
+from qgraph.verify import verify
+
+_TMP = Path(tempfile.mkdtemp(prefix="qgraph-onnx-door-"))
+
+
+def _calib(name: str) -> list[torch.Tensor]:
+    _, x = make(name)
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(16, *x.shape[1:], generator=g) for _ in range(4)]
+
+
+def _pipeline(calib, calibrator: str = "max", rules=tensorrt.INT8) -> Sequential:  # noqa: ANN001
+    return Sequential([FoldBatchNorm(), Annotate(rules), InsertObservers(calibrator), Calibrate(calib), InsertQDQ()])
+
+
+@functools.cache
+def exported(name: str) -> Path:
+    """The zoo model as float ONNX, written by torch.onnx (dynamo exporter, dynamic batch)."""
+    model, x = make(name)
+    path = _TMP / f"{name}.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model, (x,), dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim.AUTO},)
+        ).save(str(path))
+    return path
+
+
+@functools.cache
+def both_doors(name: str, calibrator: str = "max") -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(torch door, ONNX door) TensorRT INT8 lowerings of one zoo model, same data and calibrator."""
+    model, x = make(name)
+    calib = _calib(name)
+    gm = capture(model, (x,))
+    _pipeline(calib, calibrator)(gm)
+    via_torch = onnx.load_from_string(tensorrt.lower(gm, (calib[0],)))
+    m = load_onnx_model(exported(name))
+    _pipeline(calib, calibrator)(m)
+    return via_torch, onnx.load_from_string(tensorrt.lower_onnx(m))
+
+
+def _quantized(proto: onnx.ModelProto) -> tuple[dict[str, float], list[np.ndarray], dict[str, int]]:
+    """(activation tensor name → scale, weight scale arrays, Q/DQ census) of a QDQ model."""
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    acts = {n.input[0]: float(init[n.input[1]]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    weights = [init[n.input[1]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init]
+    census = {op: sum(n.op_type == op for n in proto.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    return acts, weights, census
+
+
+@pytest.mark.parametrize("name, calibrator", [(n, "max") for n in sorted(ZOO)] + [("rescnn", "entropy"), ("transformer", "mse")])
+def test_same_plan_from_both_doors(name, calibrator):
+    """Lowering a torch model and lowering its float ONNX export give the same Q/DQ placement and
+    scales equal to float rounding.
+
+    Activations are mapped by tensor name where the two exports name them alike; torch.onnx names
+    a few values differently in the two exports (the torch door exports the captured graph with
+    BatchNorm already folded, and numbers its nodes differently), so every scale is also matched
+    as a multiset. Weights are matched as a multiset of per-channel scale vectors.
+    """
+    via_torch, via_onnx = both_doors(name, calibrator)
+    acts_t, weights_t, census_t = _quantized(via_torch)
+    acts_o, weights_o, census_o = _quantized(via_onnx)
+    assert census_t == census_o
+    shared = set(acts_t) & set(acts_o)
+    assert len(shared) >= 0.75 * len(acts_t), (sorted(acts_t), sorted(acts_o))
+    for tensor in shared:
+        assert acts_o[tensor] == pytest.approx(acts_t[tensor], rel=1e-5), tensor
+    np.testing.assert_allclose(sorted(acts_t.values()), sorted(acts_o.values()), rtol=1e-5)
+    key = lambda w: (w.shape, tuple(np.round(w.reshape(-1)[:4], 6)))  # noqa: E731
+    assert len(weights_t) == len(weights_o) > 0
+    for a, b in zip(sorted(weights_t, key=key), sorted(weights_o, key=key)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    report = tensorrt.inspect_model(via_onnx)
+    assert report.violations == [] and report.quantized_weighted == len(report.weighted)
+
+
+def _run(proto_or_bytes, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    data = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_both_doors_compute_the_same_outputs(name):
+    """Same plan, same numbers: the two lowerings agree to float rounding in onnxruntime
+    (up to rare one-step rounding flips where float summation order differs: ≤ 1% of the range)."""
+    via_torch, via_onnx = both_doors(name)
+    x = torch.cat(_calib(name)).numpy()
+    a, b = _run(via_torch, x), _run(via_onnx, x)
+    assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
+
+
+def test_passes_on_onnx_are_idempotent_and_verified():
+    m = load_onnx_model(exported("rescnn"))
+    first = _pipeline(_calib("rescnn"))(m)
+    assert first.modified and first.counts["insert-qdq.activations"] > 0
+    verify(m)
+    before = serialize(m)
+    again = _pipeline(_calib("rescnn"))(m)
+    assert not again.modified, again.counts
+    assert serialize(m) == before
+
+
+def test_torch_only_passes_refuse_onnx_models():
+    m = load_onnx_model(exported("transformer"))
+    with pytest.raises(PreconditionError, match="smooth-quant runs on torch graphs only"):
+        SmoothQuant([])(m)
+
+
+def test_calibration_feeds_the_same_observers():
+    """The ONNX door's observers see what the torch door's see: equal amax per tensor, and a batch
+    count equal to the number of batches (each batch streamed once)."""
+    from qgraph.onnx_graph import OBSERVERS_META
+
+    calib = _calib("mlp")
+    m = load_onnx_model(exported("mlp"))
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
+    observers = m.graph.meta[OBSERVERS_META]
+    assert {o.batches for o in observers.values()} == {len(calib)}
+    x = observers[("x", tensorrt.INT8.activation)]
+    assert x.amax() == pytest.approx(float(torch.cat(calib).abs().max()), rel=1e-6)
+
+
+def test_onnxruntime_backend_from_onnx_fuses_every_weighted_op(tmp_path):
+    calib = _calib("rescnn")
+    m = load_onnx_model(exported("rescnn"))
+    _pipeline(calib, rules=ort_backend.INT8)(m)
+    data = ort_backend.lower_onnx(m)
+    report = ort_backend.inspect_model(onnx.load_from_string(data))
+    assert report.quantized_weighted == len(report.weighted) == 7, report.summary()
+    x = torch.cat(calib).numpy()
+    float_y = _run(exported("rescnn").read_bytes(), x)
+    assert np.abs(_run(data, x) - float_y).max() <= 0.05 * np.abs(float_y).max()
+
+
+# --- models in the wild: legacy opsets, unknown ops, external data ---------------------------------
+
+
+def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    path = tmp_path / "calib.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_legacy_export_with_unfolded_batchnorm(tmp_path, capsys, opset):
+    """A TorchScript-exporter model at opset 11/12 with BatchNormalization nodes and a fixed batch:
+    BN is folded on the ONNX graph, the opset raised to 13, every weighted op quantized."""
+    model, x = make("rescnn")
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
+                          input_names=["x"])
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node) == 6
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    before = _digest(path)
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib)]) == 0
+    printed = capsys.readouterr().out
+    assert "folded 6 BatchNorms" in printed and "tensorrt rules: OK (7/7" in printed, printed
+    lowered = onnx.load(str(out))
+    assert lowered.opset_import[0].version == 13 and not any(n.op_type == "BatchNormalization" for n in lowered.graph.node)
+    assert _digest(path) == before
+    y = _run(lowered, x.numpy())
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(y - want).max() <= 0.05 * np.abs(want).max()
+
+
+def _mlp_with(tmp_path: Path, middle: list[onnx.NodeProto], opsets=(("", 17),)) -> Path:  # noqa: ANN001
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (8, 16)), ("b1", (16,)), ("W2", (16, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h"]),
+             *middle, helper.make_node("MatMul", ["g", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "onnxruntime"])
+def test_unknown_and_contrib_ops_stay_float(tmp_path, capsys, backend):
+    """Ops qgraph has no rule for — a standard one (Softplus) and a contrib op (com.microsoft
+    FastGelu) — stay float and are listed; the GEMMs around them are quantized."""
+    path = _mlp_with(tmp_path, [helper.make_node("FastGelu", ["h"], ["s"], domain="com.microsoft"),
+                                helper.make_node("Softplus", ["s"], ["g"])], opsets=(("", 17), ("com.microsoft", 1)))
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "--backend", backend]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized (2 ops): MatMul×2" in printed, printed
+    assert f"Softplus×1: no rule for it ({backend} int8)" in printed
+    assert "ops qgraph has no rule for (1): com.microsoft::FastGelu×1" in printed
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "FastGelu" in ops and "Softplus" in ops
+
+
+def test_external_data_model_lowers_and_repeats_byte_identically(tmp_path, capsys):
+    """A model whose weights live in an external-data file (how models over 2 GB are stored)."""
+    src = onnx.load(str(exported("mlp")))
+    path = tmp_path / "ext" / "mlp.onnx"
+    path.parent.mkdir()
+    onnx.save_model(src, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="mlp.weights", size_threshold=0)
+    assert (path.parent / "mlp.weights").stat().st_size > 0
+    digests = {p.name: _digest(p) for p in path.parent.iterdir()}
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outs:
+        assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "-q"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert {p.name: _digest(p) for p in path.parent.iterdir()} == digests, "the input model must not change"
+    assert tensorrt.inspect_model(onnx.load(str(outs[0]))).violations == []
+
+
+def _bad(tmp_path: Path, model: Path, calib: Path, capsys, *extra: str) -> str:  # noqa: ANN001
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir(exist_ok=True)
+    assert main(["lower", str(model), "-o", str(out), "-q", "--calib", str(calib), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgraph: error: ") and err.count("\n") == 1, err
+    assert list(out.parent.iterdir()) == []
+    return err
+
+
+def test_bad_onnx_inputs(tmp_path, capsys):
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    old = _mlp_with(tmp_path, [helper.make_node("Relu", ["h"], ["g"])], opsets=(("", 9),))
+    assert "opset 9 is below 11" in _bad(tmp_path, old, calib, capsys)
+    wrong = _npz(tmp_path, x=np.ones((16, 5), np.float32))
+    good = _mlp_with(tmp_path, [helper.make_node("Relu", ["h"], ["g"])])
+    assert "the model expects (N, 8)" in _bad(tmp_path, good, wrong, capsys)
