@@ -39,10 +39,13 @@ class AbsHistogram:
     Args:
         bins: target resolution; the histogram holds between ``bins/2`` and ``bins`` bins
             once it has seen data (bin width: the smallest power of two >= max|x| / bins).
+        track_counts: False keeps only max|x| and the count (all the ``max`` calibrator reads):
+            two reductions per batch instead of a histogram pass (MiniLM calibration: 6.0 → 2.9 s).
     """
 
-    def __init__(self, bins: int = 2048) -> None:
+    def __init__(self, bins: int = 2048, track_counts: bool = True) -> None:
         self.bins = bins
+        self.track_counts = track_counts
         self.width: float | None = None
         self.counts = torch.zeros(0, dtype=torch.int64)
         self.zeros = 0  # zeros seen before any non-zero value fixed the width
@@ -65,6 +68,9 @@ class AbsHistogram:
 
     def update(self, x: torch.Tensor) -> None:
         """Add the values of ``x`` (any shape). NaN/Inf raise QGraphError."""
+        if not self.track_counts:
+            self._update_max(x.detach())
+            return
         a = x.detach().abs().reshape(-1).to(torch.float32)
         if a.numel() == 0:
             return
@@ -87,8 +93,18 @@ class AbsHistogram:
         self._grow(math.floor(m / self.width) + 1)
         if self.width < 2.0**-100:  # float32 would underflow the width (subnormal data)
             a = a.to(torch.float64)
-        idx = torch.clamp((a / self.width).floor_().to(torch.int64), max=self.counts.numel() - 1)
+        # |x| / width is exact (a power of two) and <= the last bin, so truncation is the floor
+        idx = a.mul_(1.0 / self.width).to(torch.int32)  # a is |x|'s own temporary
         self.counts += torch.bincount(idx, minlength=self.counts.numel())
+
+    def _update_max(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        m = float(torch.maximum(x.max(), -x.min()))  # no |x| temporary
+        if not math.isfinite(m):
+            raise QGraphError("non-finite value (NaN or Inf) reached an observer")
+        self.total += x.numel()
+        self.amax = max(self.amax, m)
 
     def merge(self, other: AbsHistogram) -> None:
         """Add another histogram's counts (exact: widths are powers of two)."""

@@ -40,7 +40,7 @@ class Observer(torch.nn.Module):
         self.calibrator = calibrator
         self.percentile = percentile
         self.label = label
-        self.hist = AbsHistogram(bins)
+        self.hist = AbsHistogram(bins, track_counts=calibrator != "max")
         self.batches = 0
         self.enabled = True
 
