@@ -6,7 +6,9 @@ For every ``call_function`` node, the op kind is looked up in the rules:
     weight spec on input 1 — only if the weight is a constant, else it stays in float;
   * MatMul gets a weight spec on a constant input and activation specs otherwise;
   * an Add with a residual rule gets a spec on the input that is *not* the output of a quantized
-    weighted op (so the Add fuses into it); an Add with no such producer stays in float;
+    weighted op (so the Add fuses into it with an int8 output), when every use of its output is
+    a quantized input (seen through ReLU/Clip and data movement); an Add with no such producer,
+    or whose output feeds float ops (a transformer's residual → LayerNorm), stays in float;
   * an op the backend runs as an int8 kernel of its own (``int8_kernel``: onnxruntime's
     QLinearAdd) gets specs on both inputs when every use of its output is a quantized input
     (seen through ReLU/Clip and data movement); otherwise its residual rule applies;
@@ -163,7 +165,11 @@ class Annotate(Pass):
         if rule.int8_kernel and self._feeds_quantized_input(node):
             return self._plan_int8_kernel(node, rules)
         if rule.residual:
-            return self._plan_residual(node, rules)
+            specs, reason = self._plan_residual(node, rules)
+            if specs and not self._feeds_quantized_input(node):
+                # the weighted op cannot have an int8 output: Q/DQ would only cost accuracy
+                return {}, "its output feeds float ops (no int8 output for the Add to fuse into)"
+            return specs, reason
         if rule.int8_kernel:
             return {}, "its output feeds float ops (its int8 kernel needs a quantized output)"
         if rule.needs_weight and not any(v.is_constant(v.arg(node, i)) for i in (0, 1)):
@@ -246,8 +252,8 @@ class Annotate(Pass):
             return False
         if rule.int8_kernel:  # planned as one only as an Add of two tensors that are not constants
             return self._two_tensors(user) is not None and self._feeds_quantized_input(user)
-        if rule.residual:
-            return True  # the value is not a weighted op's output: the residual rule quantizes it
+        if rule.residual:  # the value is not a weighted op's output: the residual rule quantizes it
+            return self._feeds_quantized_input(user)  # when the Add's own output is quantized
         args = [v.arg(user, 0), v.arg(user, 1)]
         if rule.needs_weight and not any(v.is_constant(a) for a in args):
             return False

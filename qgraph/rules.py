@@ -38,7 +38,9 @@ class OpRule:
     Attributes:
         inputs: the inputs that get Q/DQ.
         residual: an Add rule: quantize only the input(s) *not* produced by a quantized weighted op
-            (so the Add fuses into that op); if both are, quantize input 1.
+            (so the Add fuses into that op with an int8 output); if both are, quantize input 1.
+            Only when the Add's output reaches a quantized input: otherwise the op cannot have an
+            int8 output and the Add stays float.
         int8_kernel: the backend runs this op as an int8 kernel of its own that needs every input
             and the output quantized (onnxruntime's QLinearAdd): when the op's output reaches a
             quantized input (through ReLU/Clip and data movement), every input is quantized;
