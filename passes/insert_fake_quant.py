@@ -46,6 +46,7 @@ class InsertFakeQuant(InsertQDQ):
     """
 
     name = "insert-fake-quant"
+    graphs = ("fx",)  # training needs the torch graph
 
     def __init__(self, learn_scales: bool = False, observe_steps: int = 0) -> None:
         if not isinstance(observe_steps, int) or observe_steps < 0:

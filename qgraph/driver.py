@@ -174,7 +174,8 @@ def lower_file(
     if not _is_pt2(Path(model_path)) and precision in ONNX_PRECISIONS and form == "deploy":
         return _lower_onnx_file(
             module, model_path, calib_path, rules=rules, overrides=override_rules, fallback=fallback_rules,
-            precision=precision, form=form, pipeline=pipeline or DEFAULT_PIPELINE.format(calibrator=calibrator),
+            precision=precision, form=form,
+            pipeline=pipeline or getattr(module, "DEFAULT_PIPELINE", DEFAULT_PIPELINE).format(calibrator=calibrator),
             batch_size=batch_size, parity_samples=parity_samples, progress=progress, dump_dir=dump_dir,
         )
     gm = load_model(model_path)

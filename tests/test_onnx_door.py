@@ -23,7 +23,8 @@ from qgraph.backends import tensorrt
 from qgraph.cli import main
 from qgraph.examples.zoo import ZOO, make
 from qgraph.onnx_graph import load_onnx_model, serialize
-from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ, SmoothQuant
+from qgraph.passes import PASSES, Annotate, Calibrate, FoldBatchNorm, InsertFakeQuant, InsertObservers, InsertQDQ
+from qgraph.pipeline import build_pipeline
 from qgraph.verify import verify
 
 _TMP = Path(tempfile.mkdtemp(prefix="qgraph-onnx-door-"))
@@ -35,7 +36,10 @@ def _calib(name: str) -> list[torch.Tensor]:
     return [torch.randn(16, *x.shape[1:], generator=g) for _ in range(4)]
 
 
-def _pipeline(calib, calibrator: str = "max", rules=tensorrt.INT8) -> Sequential:  # noqa: ANN001
+def _pipeline(calib, calibrator: str = "max", rules=tensorrt.INT8, spec: str = "") -> Sequential:  # noqa: ANN001
+    """The explicit PTQ passes, or a pipeline spec (a backend's default) with the same context."""
+    if spec:
+        return build_pipeline(spec.format(calibrator=calibrator), PASSES, context={"rules": rules, "data": calib})
     return Sequential([FoldBatchNorm(), Annotate(rules), InsertObservers(calibrator), Calibrate(calib), InsertQDQ()])
 
 
@@ -52,15 +56,15 @@ def exported(name: str) -> Path:
 
 
 @functools.cache
-def both_doors(name: str, calibrator: str = "max") -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def both_doors(name: str, calibrator: str = "max", spec: str = "") -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(torch door, ONNX door) TensorRT INT8 lowerings of one zoo model, same data and calibrator."""
     model, x = make(name)
     calib = _calib(name)
     gm = capture(model, (x,))
-    _pipeline(calib, calibrator)(gm)
+    _pipeline(calib, calibrator, spec=spec)(gm)
     via_torch = onnx.load_from_string(tensorrt.lower(gm, (calib[0],)))
     m = load_onnx_model(exported(name))
-    _pipeline(calib, calibrator)(m)
+    _pipeline(calib, calibrator, spec=spec)(m)
     return via_torch, onnx.load_from_string(tensorrt.lower_onnx(m))
 
 
@@ -73,17 +77,22 @@ def _quantized(proto: onnx.ModelProto) -> tuple[dict[str, float], list[np.ndarra
     return acts, weights, census
 
 
-@pytest.mark.parametrize("name, calibrator", [(n, "max") for n in sorted(ZOO)] + [("rescnn", "entropy"), ("transformer", "mse")])
-def test_same_plan_from_both_doors(name, calibrator):
+@pytest.mark.parametrize(
+    "name, calibrator, spec",
+    [(n, "max", "") for n in sorted(ZOO)]
+    + [("rescnn", "entropy", ""), ("transformer", "mse", ""), ("transformer", "max", tensorrt.DEFAULT_PIPELINE)],
+)
+def test_same_plan_from_both_doors(name, calibrator, spec):
     """Lowering a torch model and lowering its float ONNX export give the same Q/DQ placement and
     scales equal to float rounding.
 
     Activations are mapped by tensor name where the two exports name them alike; torch.onnx names
     a few values differently in the two exports (the torch door exports the captured graph with
     BatchNorm already folded, and numbers its nodes differently), so every scale is also matched
-    as a multiset. Weights are matched as a multiset of per-channel scale vectors.
+    as a multiset. Weights are matched as a multiset of per-channel scale vectors. The last case
+    runs TensorRT's default pipeline (SmoothQuant on LayerNorm and GELU outputs first) on both.
     """
-    via_torch, via_onnx = both_doors(name, calibrator)
+    via_torch, via_onnx = both_doors(name, calibrator, spec)
     acts_t, weights_t, census_t = _quantized(via_torch)
     acts_o, weights_o, census_o = _quantized(via_onnx)
     assert census_t == census_o
@@ -129,8 +138,8 @@ def test_passes_on_onnx_are_idempotent_and_verified():
 
 def test_torch_only_passes_refuse_onnx_models():
     m = load_onnx_model(exported("transformer"))
-    with pytest.raises(PreconditionError, match="smooth-quant runs on torch graphs only"):
-        SmoothQuant([])(m)
+    with pytest.raises(PreconditionError, match="insert-fake-quant runs on torch graphs only"):
+        InsertFakeQuant()(m)
 
 
 def test_calibration_feeds_the_same_observers():

@@ -162,3 +162,98 @@ def test_in_a_pipeline_spec():
     seq = build_pipeline("smooth-quant(alpha=0.7),annotate", PASSES, context={"data": [x], "rules": onnxruntime.INT8})
     result = seq(gm)
     assert result.counts["smooth-quant.smoothed"] == 1
+
+
+# --- GELU outputs, the recipe gate, and the ONNX half --------------------------------------------
+
+
+class FFN(nn.Module):
+    """LayerNorm → Linear → GELU → Linear, with an outlier channel in the GELU output."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        with torch.no_grad():
+            self.up.weight[5] *= 20.0  # hidden channel 5 is an outlier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def _ffn():
+    torch.manual_seed(0)
+    return FFN().eval(), torch.randn(32, 8, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_gelu_smoothing_census_and_numerics():
+    model, x = _ffn()
+    gm = capture(model, (x[:4],))
+    result = SmoothQuant([x], alpha=0.8, gelu=True)(gm)
+    assert result.counts["smoothed"] == 2  # the LayerNorm and the GELU
+    muls = _nodes(gm, torch.ops.aten.mul.Tensor)
+    assert len(muls) == 1 and muls[0].args[0].target is torch.ops.aten.gelu.default
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not SmoothQuant([x], alpha=0.8, gelu=True)(gm).modified
+    # without gelu=True the GELU is left alone
+    gm2 = capture(model, (x[:4],))
+    assert SmoothQuant([x])(gm2).counts["smoothed"] == 1 and not _nodes(gm2, torch.ops.aten.mul.Tensor)
+
+
+def test_recipes_without_per_tensor_int8_activations_are_not_smoothed():
+    from qgraph.backends import tensorrt
+
+    model, x = _ffn()
+    for rules, smoothed in ((tensorrt.INT8, 2), (tensorrt.FP8, 0), (tensorrt.W4A16, 0), (tensorrt.NVFP4, 0)):
+        gm = capture(model, (x[:4],))
+        assert SmoothQuant([x], gelu=True, rules=rules)(gm).counts["smoothed"] == smoothed, rules.precision
+
+
+def _ffn_onnx(tmp_path):
+    import contextlib
+    import io
+
+    from qgraph.onnx_graph import load_onnx_model
+
+    model, x = _ffn()
+    path = tmp_path / "ffn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model, (x[:4],), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim.AUTO},)).save(str(path))
+    return model, x, load_onnx_model(path)
+
+
+def test_onnx_half_matches_the_torch_half(tmp_path):
+    """On ONNX: the same census (one Mul, after the GELU), the float function unchanged, the same
+    smoothed weights as the torch door, and a second run is a no-op."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from qgraph.onnx_graph import serialize
+    from qgraph.verify import verify
+
+    model, x, m = _ffn_onnx(tmp_path)
+    result = SmoothQuant([x], alpha=0.8, gelu=True)(m)
+    assert result.counts["smoothed"] == 2
+    assert [n.op_type for n in m.graph].count("Mul") == 1
+    verify(m)
+    sess = ort.InferenceSession(serialize(m), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x], alpha=0.8, gelu=True)(gm)
+    torch_down = gm.get_parameter("down.weight").detach().numpy()  # (out, in)
+    onnx_down = next(n for n in m.graph if n.op_type == "MatMul" and n.inputs[0].producer().op_type == "Mul").inputs[1]
+    np.testing.assert_allclose(onnx_down.const_value.numpy(), torch_down.T, rtol=1e-5, atol=1e-6)
+    assert not SmoothQuant([x], alpha=0.8, gelu=True)(m).modified
+
+
+def test_onnx_half_refuses_quantized_outputs(tmp_path):
+    from qgraph.backends import tensorrt
+
+    _, x, m = _ffn_onnx(tmp_path)
+    Sequential([Annotate(tensorrt.INT8), InsertObservers(), Calibrate([x]), InsertQDQ()])(m)
+    assert not SmoothQuant([x], gelu=True)(m).modified

@@ -3,6 +3,7 @@
 from qgraph.backends.tensorrt.check import InspectReport, inspect_model
 from qgraph.backends.tensorrt.lower import FORMS, lower, lower_onnx, ort_runnable, required_opset
 from qgraph.backends.tensorrt.rules import (
+    DEFAULT_PIPELINE,
     FP8,
     INT8,
     MXFP4,
@@ -16,6 +17,7 @@ from qgraph.backends.tensorrt.rules import (
 )
 
 __all__ = [
+    "DEFAULT_PIPELINE",
     "RULES",
     "REFERENCE_ONLY",
     "INT8",
