@@ -229,7 +229,7 @@ def _lower_onnx_file(
 ) -> LoweringResult:
     """The ONNX door: the passes run on the onnx-ir model itself, calibration in onnxruntime."""
     from qgraph.onnx_graph import input_specs as onnx_input_specs
-    from qgraph.onnx_graph import load_onnx_model, serialize, upgrade_opset
+    from qgraph.onnx_graph import load_onnx_model, upgrade_opset
 
     model = load_onnx_model(model_path)
     model = upgrade_opset(model, 19 if precision == "fp8" else 13)  # FP8 Q/DQ; per-channel INT8 Q/DQ
@@ -240,7 +240,6 @@ def _lower_onnx_file(
     if static_batch is not None:
         batch_size = static_batch
     data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
-    float_model = serialize(model)
     counts, seconds = quantize(
         model, data, rules=rules, pipeline=pipeline, progress=progress, dump_dir=dump_dir,
         overrides=overrides, fallback=fallback,
@@ -257,7 +256,7 @@ def _lower_onnx_file(
         raise QGraphError(f"lowering failed: {first_line(exc)}") from None
     lower_seconds = time.perf_counter() - start
     sample = data.take(static_batch or min(parity_samples, data.samples))
-    parity = compare_models(float_model, onnx_bytes, sample)
+    parity = compare_models(str(model_path), onnx_bytes, sample)  # the input file: external data too
     codes = "activation codes: not compared (ONNX input: there is no torch fake-quant graph)"
     report = module.inspect_model(onnx.load_from_string(onnx_bytes))
     return LoweringResult(

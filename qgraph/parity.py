@@ -46,10 +46,10 @@ class ParityReport:
 _LOW_PRECISION = {17, 18, 19, 20, 21, 22, 23}
 
 
-def _uses_low_precision(model: bytes) -> bool:
+def _uses_low_precision(model: bytes | str) -> bool:
     import onnx
 
-    proto = onnx.load_from_string(model)
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
     types = {t.data_type for t in proto.graph.initializer}
     for node in proto.graph.node:
         types.update(a.t.data_type for a in node.attribute if a.name == "value")
@@ -57,8 +57,9 @@ def _uses_low_precision(model: bytes) -> bool:
     return bool(types & _LOW_PRECISION)
 
 
-def session(model: bytes) -> ort.InferenceSession:
-    """A single-threaded CPU onnxruntime session (deterministic, comparable timings).
+def session(model: bytes | str) -> ort.InferenceSession:
+    """A single-threaded CPU onnxruntime session (deterministic, comparable timings) of ONNX
+    bytes or a file (which may keep its weights in external data).
 
     Models with FP8/INT4/FP4 values run without graph optimisations: onnxruntime 1.32's CPU
     optimiser rewrites FP8 Q/DQ around Gemm into something that computes different numbers
@@ -92,9 +93,9 @@ def check_parity(
     return ParityReport(tuple(outputs), int(inputs[0].shape[0]))
 
 
-def compare_models(reference: bytes, model: bytes, inputs: tuple[torch.Tensor, ...]) -> ParityReport:
-    """Run two ONNX models with the same inputs in onnxruntime and compare every output (the
-    ONNX door: the quantized model against the float model it came from)."""
+def compare_models(reference: bytes | str, model: bytes, inputs: tuple[torch.Tensor, ...]) -> ParityReport:
+    """Run two ONNX models (bytes or a file path) with the same inputs in onnxruntime and compare
+    every output (the ONNX door: the quantized model against the float file it came from)."""
     sessions = [session(reference), session(model)]
     feeds = {i.name: t.numpy() for i, t in zip(sessions[0].get_inputs(), inputs)}
     want, got = (s.run(None, feeds) for s in sessions)
