@@ -62,7 +62,7 @@ class AbsHistogram:
                 counts = torch.cat([counts, counts.new_zeros(1)])
             counts = counts.view(-1, 2).sum(1)
             self.width *= 2
-            needed = math.ceil(needed / 2)
+            needed = (needed + 1) // 2  # integers: a float division loses the +1 of huge counts
         if counts.numel() < needed:
             counts = torch.cat([counts, counts.new_zeros(needed - counts.numel())])
         self.counts = counts
@@ -188,34 +188,51 @@ def _mse(counts: np.ndarray, width: float) -> float:
 
 
 def _entropy(counts: np.ndarray, width: float) -> float:
+    """TensorRT's entropy calibration: the threshold ``i`` bins whose KL(P ‖ Q) is smallest.
+
+    For a threshold of ``i`` bins: P is the histogram below it with everything above added to
+    bin ``i - 1`` (clipped values), Q spreads each of 128 chunks' mass evenly over the chunk's
+    non-empty bins (chunk ``k`` = bins ``[ceil(k i / 128), ceil((k + 1) i / 128))``), both
+    normalised. With ``S_k``, ``N_k`` a chunk's mass and non-empty bins, ``T`` the total and
+    ``C`` the mass below ``i``, every bin ``j < i - 1`` with ``c_j > 0`` contributes
+    ``c_j/T · log(c_j C N_k / (T S_k))``, so the sum over them is prefix sums of ``c``,
+    ``c log c`` and per-chunk terms: O(128) per threshold instead of O(i), for every threshold at
+    once. Bin ``i - 1`` (holding the clipped mass) is added on its own; where P has mass and Q
+    none, Q is smoothed to 1e-12.
+    """
     n = counts.size
     if n <= _QUANT_LEVELS:
         return n * width
     # Exact zeros (ReLU outputs) are exact under every scale, but a spike in bin 0 dominates the
     # KL and drags the threshold down (to ~2 sigma on relu(N(0,1))). Like pytorch-quantization,
     # let bin 0 count as its neighbour so the zeros do not vote.
-    counts = counts.copy()
-    counts[0] = counts[1]
-    best, best_kl = n, math.inf
-    for i in _candidates(n, _QUANT_LEVELS):
-        ref = counts[:i].copy()
-        ref[-1] += counts[i:].sum()  # values beyond the threshold clip to it
-        chunk = (np.arange(i) * _QUANT_LEVELS) // i
-        nonzero = counts[:i] > 0
-        chunk_sum = np.bincount(chunk, weights=counts[:i], minlength=_QUANT_LEVELS)
-        chunk_nz = np.bincount(chunk, weights=nonzero, minlength=_QUANT_LEVELS)
-        q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nz[chunk], 1), 0.0)
-        if q.sum() == 0:  # every value inside the threshold is in an empty-looking chunk
-            continue
-        p = ref / ref.sum()
-        q = q / q.sum()
-        mask = p > 0
-        # Where P has mass that Q lost (a bin with no values inside the threshold), smooth Q.
-        q = np.where(mask & (q == 0), 1e-12, q)
-        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-        if kl < best_kl:
-            best, best_kl = int(i), kl
-    return best * width
+    c = counts.astype(np.float64).copy()
+    c[0] = c[1]
+    cands = _candidates(n, _QUANT_LEVELS)
+    zero = np.zeros(1)
+    mass = np.concatenate([zero, np.cumsum(c)])  # mass[j]: sum of c below bin j
+    filled = np.concatenate([zero, np.cumsum(c > 0)])
+    clogc = np.concatenate([zero, np.cumsum(c * np.log(np.where(c > 0, c, 1.0)))])
+    total = mass[-1]
+    bounds = (np.arange(_QUANT_LEVELS + 1)[None, :] * cands[:, None] + _QUANT_LEVELS - 1) // _QUANT_LEVELS
+    s = mass[bounds[:, 1:]] - mass[bounds[:, :-1]]  # (thresholds, 128) chunk masses
+    nk = filled[bounds[:, 1:]] - filled[bounds[:, :-1]]
+    last = c[cands - 1]
+    d = s.copy()
+    d[:, -1] -= last  # the chunk masses without bin i - 1 (always in the last chunk)
+    below = mass[cands]
+    safe_below = np.where(below > 0, below, 1.0)
+    per_chunk = np.where(d > 0, d * (np.log(np.maximum(nk, 1)) - np.log(np.where(s > 0, s, 1.0))), 0.0).sum(1)
+    kl = (clogc[cands - 1] - (math.log(total) - np.log(safe_below)) * mass[cands - 1] + per_chunk) / total
+    p_last = (last + total - below) / total
+    q_last = np.where(last > 0, s[:, -1] / (np.maximum(nk[:, -1], 1) * safe_below), 1e-12)
+    kl += np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0) / q_last), 0.0)
+    kl = np.where(below > 0, kl, np.inf)  # no mass below the threshold: no Q
+    if not np.isfinite(kl).any():
+        return n * width
+    # the first threshold at the minimum: equal KLs (sparse histograms) differ here by rounding
+    best = np.flatnonzero(kl <= kl.min() + 1e-12 * max(1.0, abs(kl.min())))[0]
+    return int(cands[best]) * width
 
 
 def compute_amax(hist: AbsHistogram, calibrator: str, percentile: float = 99.99) -> float:
