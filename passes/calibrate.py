@@ -98,7 +98,7 @@ class Calibrate(Pass):
                     raise QGraphError(f"the model failed on calibration batch {batches}: {first_line(exc)}") from None
                 for name, out in zip(fetch, outs):
                     for observer in fresh[name]:
-                        observer(torch.from_numpy(out))
+                        observer(out)  # numpy: the observers take arrays as they are
                 batches += 1
         if batches == 0:
             raise QGraphError("calibration data is empty")

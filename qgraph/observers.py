@@ -44,7 +44,7 @@ class Observer(torch.nn.Module):
         self.batches = 0
         self.enabled = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # or a numpy array (the ONNX door)
         if self.enabled:
             try:
                 self.hist.update(x)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.external_data
 import onnx_ir.passes.common as common
 
 from qgraph._errors import InputError, first_line
@@ -68,14 +69,18 @@ def load_onnx_model(path: str | Path) -> ir.Model:
         InputError: one line naming the problem.
     """
     path = Path(path)
-    try:
-        model = ir.load(path)
+    try:  # one parse: the weights in external data stay on disk (read when used)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception:
         raise InputError(f"{path}: neither a torch.export .pt2 archive nor a valid ONNX model") from None
-    try:
-        onnx.checker.check_model(str(path))  # by path: works for models with external data
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    try:  # external data is checked where it lies (the file names are relative to the model)
+        onnx.checker.check_model(str(path) if external else proto)
     except Exception as exc:
         raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    del proto
     opset = model_opset(model)
     if opset < 11:
         raise InputError(f"{path}: opset {opset} is below 11, the oldest qgraph reads")
