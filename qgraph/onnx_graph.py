@@ -34,6 +34,7 @@ __all__ = [
     "load_onnx_model",
     "upgrade_opset",
     "input_specs",
+    "internalize",
     "model_opset",
     "serialize",
     "session",
@@ -112,11 +113,26 @@ def load_onnx_model(path: str | Path) -> ir.Model:
 
 def _load_external_data(model: ir.Model) -> None:
     """Read external-data weights into memory when they fit in one ONNX message (< 1 GB), so the
-    model is self-contained; bigger models keep them on disk (read when used, saved as external
-    data again)."""
+    model is self-contained; bigger models keep them on disk (read when used)."""
     external = [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     if external and sum(v.const_value.nbytes for v in external) <= _INLINE_LIMIT:
-        for value in external:
+        internalize(model)
+
+
+def internalize(model: ir.Model) -> None:
+    """Read every weight still in an external-data file into memory (before writing the model
+    as one self-contained file: after quantization a model 4x smaller than its float source).
+
+    Raises:
+        QGraphError: the weights would exceed protobuf's 2 GB.
+    """
+    from qgraph._errors import QGraphError
+
+    values = list(model.graph.initializers.values())
+    if sum(v.const_value.nbytes for v in values if v.const_value is not None) >= 2**31:
+        raise QGraphError("the quantized model holds over 2 GB of weights: more than one ONNX file can hold")
+    for value in values:
+        if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(np.array(value.const_value.numpy()), name=value.name)
 
 

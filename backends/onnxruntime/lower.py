@@ -41,6 +41,7 @@ import torch
 import torch.fx
 
 from qgraph._errors import QGraphError
+from qgraph.onnx_graph import internalize
 from qgraph.backends import _onnx
 from qgraph.backends._onnx import const_array
 from qgraph.backends.onnxruntime.rules import OPSET
@@ -93,6 +94,7 @@ def lower_onnx(model: ir.Model) -> bytes:
             f"the onnxruntime backend lowers INT8 plans only (its CPU int8 kernels); this model has {other[0]} Q/DQ"
         )
     to_onnxruntime(model)
+    internalize(model)  # weights a large model kept on disk: one self-contained file
     return _onnx.serialize(model)
 
 

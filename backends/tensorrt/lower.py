@@ -6,6 +6,7 @@ import torch
 import torch.fx
 
 from qgraph._errors import QGraphError
+from qgraph.onnx_graph import internalize
 from qgraph.backends import _onnx
 from qgraph.backends.tensorrt.rules import OPSET, REFERENCE_ONLY
 from qgraph.quant import FakeQuant, QSpec
@@ -71,4 +72,5 @@ def lower_onnx(model) -> bytes:  # noqa: ANN001 - an onnx_ir.Model after insert-
     deterministically. The model must be at an opset that holds its quantizers (13 for INT8
     per-channel scales, 19 for FP8: ``qgraph.onnx_graph.upgrade_opset``).
     """
+    internalize(model)  # weights a large model kept on disk: one self-contained file
     return _onnx.serialize(model)
