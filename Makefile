@@ -28,3 +28,4 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_formats.py
 	$(PY) benchmarks/bench_recipes.py
 	$(PY) benchmarks/bench_ort.py
+	$(PY) benchmarks/bench_onnx_door.py

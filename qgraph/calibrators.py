@@ -31,6 +31,7 @@ __all__ = ["AbsHistogram", "CALIBRATORS", "compute_amax"]
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 
 _QUANT_LEVELS = 128  # |x| maps to codes 0..127 under symmetric int8
+_NUMPY_LIMIT = 1 << 18  # arrays up to this many values are binned by numpy (no thread-pool wake-up)
 _MAX_CANDIDATES = 512
 
 
@@ -68,21 +69,30 @@ class AbsHistogram:
         self.counts = counts
 
     def update(self, x: torch.Tensor | np.ndarray) -> None:
-        """Add the values of ``x`` (a tensor or numpy array, any shape). NaN/Inf raise QGraphError."""
+        """Add the values of ``x`` (a tensor or numpy array, any shape). NaN/Inf raise QGraphError.
+
+        Small numpy arrays (onnxruntime's outputs) are counted with numpy, larger data with
+        torch (multi-threaded); both compute the same bins.
+        """
         if not self.track_counts:
             self._update_max(x.detach() if isinstance(x, torch.Tensor) else x)
             return
-        x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)
-        if x.numel() == 0:
+        small = isinstance(x, np.ndarray) and x.size <= _NUMPY_LIMIT and x.dtype != np.float64
+        if small:
+            a = np.abs(x.reshape(-1), dtype=np.float32)
+        else:
+            x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)
+            a = torch.abs(x, out=_scratch(x.numel(), torch.float32)) if x.dtype != torch.float64 else x.abs().float()
+        n = a.size if small else a.numel()
+        if n == 0:
             return
-        a = torch.abs(x, out=_scratch(x.numel(), torch.float32)) if x.dtype != torch.float64 else x.abs().float()
         m = float(a.max())
         if not math.isfinite(m):
             raise QGraphError("non-finite value (NaN or Inf) reached an observer")
-        self.total += a.numel()
+        self.total += n
         self.amax = max(self.amax, m)
         if m == 0.0 and self.width is None:
-            self.zeros += a.numel()
+            self.zeros += n
             return
         if self.width is None:
             self.width = 2.0 ** math.ceil(math.log2(m / self.bins))
@@ -93,9 +103,14 @@ class AbsHistogram:
         # Bin i holds [i*width, (i+1)*width): a value on the top edge gets a bin of its own rather
         # than being clamped into the one below, so pairwise merges (here and in `merge`) stay exact.
         self._grow(math.floor(m / self.width) + 1)
-        if self.width < 2.0**-100:  # float32 would underflow the width (subnormal data)
+        # |x| / width is exact (a power of two) and <= the last bin, so truncation is the floor
+        if small:
+            scaled = a.astype(np.float64) if self.width < 2.0**-100 else a  # float32 would underflow
+            idx = (scaled * (1.0 / self.width)).astype(np.int32)
+            self.counts += torch.from_numpy(np.bincount(idx, minlength=self.counts.numel()))
+            return
+        if self.width < 2.0**-100:
             a = a.to(torch.float64)
-        # |x| / width is exact (a power of two) and <= the last bin, so truncation is the floor;
         # a and idx are scratch buffers (fresh 25 MB tensors cost more in page faults than the math)
         idx = _scratch(a.numel(), torch.int32)
         idx.copy_(a.mul_(1.0 / self.width))

@@ -345,3 +345,18 @@ def test_entropy_closed_form_matches_the_definition():
             c[rng.integers(0, n, 3)] = rng.integers(1, 100, 3)
         c[-1] = max(c[-1], 1)
         assert _entropy(c, 0.01) == _entropy_by_definition(c, 0.01), (t, n, kind)
+
+
+def test_numpy_and_torch_inputs_give_the_same_histogram():
+    """onnxruntime's outputs (numpy, binned by numpy when small) and torch tensors fill the same
+    bins, subnormal-scale data included."""
+    rng = np.random.default_rng(0)
+    for t in range(100):
+        scale = float(rng.choice([1e-39, 1e-3, 1.0, 1e3]))
+        parts = [(rng.standard_normal(int(rng.integers(1, 5000))) * scale).astype(np.float32) for _ in range(3)]
+        a, b = AbsHistogram(64), AbsHistogram(64)
+        for p in parts:
+            a.update(p)
+            b.update(torch.from_numpy(p))
+        assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax), t
+        assert torch.equal(a.counts, b.counts), t
