@@ -136,21 +136,27 @@ def _call_onnx(model: ir.Model) -> PassResult:
     return PassResult(model, any(counts.values()), counts)
 
 
-def _qparams(graph: ir.Graph, base: str, fq: FakeQuant) -> tuple[ir.Value, ir.Value, list[ir.Attr]]:
+def _qparams(graph: ir.Graph, value: ir.Value, fq: FakeQuant) -> tuple[ir.Value, ir.Value, list[ir.Attr]]:
+    """Scale and zero-point initializers for ``value``; the scale has ``value``'s float type
+    (QuantizeLinear/DequantizeLinear take x and its scale in one type: float16 models)."""
     spec = fq.spec
-    scale = fq.scale.detach().numpy().astype(np.float32)
+    dtype = value.dtype.numpy() if value.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else np.float32
+    scale = fq.scale.detach().numpy().astype(dtype)
+    if dtype != np.float32:  # a scale rounded to 0 would be invalid
+        scale = np.maximum(scale, np.array(np.finfo(np.float16).smallest_subnormal, dtype))
     if spec.is_int8:
         zero_point = fq.zero_point.numpy()
     else:
         zero_point = np.zeros(scale.shape, spec.element.np_dtype)
     attrs = [ir.AttrInt64("axis", spec.axis)] if spec.axis is not None and scale.ndim else []
+    base = value.name
     return add_initializer(graph, f"{base}_scale", scale), add_initializer(graph, f"{base}_zero_point", zero_point), attrs
 
 
 def _dequantize_weight(graph: ir.Graph, node: ir.Node, weight: ir.Value, fq: FakeQuant) -> ir.Value:
-    scale, zero_point, attrs = _qparams(graph, weight.name, fq)
-    codes = formats.quantize(
-        weight.const_value.numpy().astype(np.float32), scale.const_value.numpy(), fq.spec.element,
+    scale, zero_point, attrs = _qparams(graph, weight, fq)
+    codes = formats.quantize(  # with the scale as stored (float16 models: rounded to float16)
+        weight.const_value.numpy().astype(np.float32), scale.const_value.numpy().astype(np.float32), fq.spec.element,
         zero_point.const_value.numpy(), fq.spec.axis,
     )
     code_value = add_initializer(graph, f"{weight.name}_quantized", codes)
@@ -162,7 +168,7 @@ def _dequantize_weight(graph: ir.Graph, node: ir.Node, weight: ir.Value, fq: Fak
 
 
 def _quantize_dequantize(graph: ir.Graph, node: ir.Node, value: ir.Value, fq: FakeQuant) -> ir.Value:
-    scale, zero_point, attrs = _qparams(graph, value.name, fq)
+    scale, zero_point, attrs = _qparams(graph, value, fq)
     q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], attrs, name=f"{value.name}_QuantizeLinear")
     q.outputs[0].name = f"{value.name}_quantized"
     q.outputs[0].type = ir.TensorType(zero_point.dtype)

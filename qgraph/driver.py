@@ -229,10 +229,10 @@ def _lower_onnx_file(
 ) -> LoweringResult:
     """The ONNX door: the passes run on the onnx-ir model itself, calibration in onnxruntime."""
     from qgraph.onnx_graph import input_specs as onnx_input_specs
-    from qgraph.onnx_graph import load_onnx_model, upgrade_opset
+    from qgraph.onnx_graph import load_onnx_model, quantizer_opset, upgrade_opset
 
     model = load_onnx_model(model_path)
-    model = upgrade_opset(model, 19 if precision == "fp8" else 13)  # FP8 Q/DQ; per-channel INT8 Q/DQ
+    model = upgrade_opset(model, quantizer_opset(model, precision))
     if calib_path is None:
         raise InputError("--calib DATA is required: PTQ needs calibration data")
     specs = onnx_input_specs(model)

@@ -33,6 +33,7 @@ __all__ = [
     "OnnxView",
     "load_onnx_model",
     "upgrade_opset",
+    "quantizer_opset",
     "input_specs",
     "internalize",
     "model_opset",
@@ -146,6 +147,14 @@ def input_specs(model: ir.Model) -> list[tuple[str, tuple[int | None, ...], obje
         shape = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
         specs.append((value.name, shape, torch.from_numpy(np.zeros(0, dtype.numpy())).dtype))
     return specs
+
+
+def quantizer_opset(model: ir.Model, precision: str) -> int:
+    """The lowest opset whose Q/DQ hold ``precision`` for this model: 13 (per-channel INT8
+    scales), 19 for FP8 or for float16/bfloat16 models (scales of their type)."""
+    values = [*model.graph.inputs, *model.graph.initializers.values()]
+    half = any(v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for v in values)
+    return 19 if precision == "fp8" or half else 13
 
 
 def upgrade_opset(model: ir.Model, target: int) -> ir.Model:

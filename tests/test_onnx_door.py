@@ -272,3 +272,24 @@ def test_bad_onnx_inputs(tmp_path, capsys):
     wrong = _npz(tmp_path, x=np.ones((16, 5), np.float32))
     good = _mlp_with(tmp_path, [helper.make_node("Relu", ["h"], ["g"])])
     assert "the model expects (N, 8)" in _bad(tmp_path, good, wrong, capsys)
+
+
+def test_float16_model(tmp_path, capsys):
+    """A float16 model: its Q/DQ scales are float16 (one type with x), at opset 19 or above."""
+    model, x = make("mlp")
+    path = tmp_path / "mlp16.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model.half(), (x.half(),), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim.AUTO},)).save(str(path))
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, 64)).astype(np.float16))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib)]) == 0
+    assert "tensorrt rules: OK (3/3" in capsys.readouterr().out
+    lowered = onnx.load(str(out))
+    assert lowered.opset_import[0].version >= 19
+    scales = [i for i in lowered.graph.initializer if i.name.endswith("_scale")]
+    assert scales and {s.data_type for s in scales} == {TensorProto.FLOAT16}
+    xs = x.half().numpy()
+    with torch.no_grad():
+        want = model(x.half()).float().numpy()
+    assert np.abs(_run(lowered, xs).astype(np.float32) - want).max() <= 0.05 * np.abs(want).max()
