@@ -191,8 +191,9 @@ def session(model: ir.Model, outputs: list[ir.Value] = (), *, optimize: bool = T
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
-        with tempfile.TemporaryDirectory(prefix="qgraph-ort-") as tmp:
-            if weight_bytes > _INLINE_LIMIT:
+        large = weight_bytes > _INLINE_LIMIT
+        with tempfile.TemporaryDirectory(prefix="qgraph-ort-") if large else contextlib.nullcontext() as tmp:
+            if large:
                 path = Path(tmp) / "model.onnx"
                 ir.save(model, path, external_data="model.onnx.data")
                 source: object = str(path)
