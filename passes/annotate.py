@@ -83,6 +83,8 @@ class Annotate(Pass):
         weighted = [n for n in ops if view.kind(n) in self.rules.weighted_kinds]
         self._ends = {"@first": weighted[:1], "@last": weighted[-1:]}
         self._matched: set[str] = set()
+        for node in reversed(ops):  # readers first: the look-ahead never recurses deeply (deep residual stacks)
+            self._feeds_quantized_input(node)
         changed = False
         quantized = left_float = 0
         for node in ops:
@@ -98,7 +100,8 @@ class Annotate(Pass):
                 left_float += 1
         unmatched = [p for p, _ in self.overrides if p not in self._matched]
         if unmatched:
-            hint = f" (names look like {' or '.join(map(repr, view.names(weighted[0])))})" if weighted else ""
+            names = view.names(weighted[0]) if weighted else ()
+            hint = f" (names look like {' or '.join(map(repr, names))})" if names else ""
             raise PreconditionError(f"override pattern(s) {', '.join(map(repr, unmatched))} match no op{hint}")
         return PassResult(graph, changed, {"quantized": quantized, "float": left_float})
 

@@ -208,8 +208,8 @@ def _refusal_onnx(bn: ir.Node) -> str:
         return "input is not a Conv, ConvTranspose or Gemm"
     if len(list(producer.outputs[0].uses())) != 1 or producer.outputs[0].is_graph_output():
         return f"{producer.name} has other readers"
-    if producer.op_type == "Gemm" and producer.attributes.get_int("transA", 0):
-        return "Gemm with transA"
+    if producer.op_type == "Gemm" and (producer.attributes.get_int("transA", 0) or producer.attributes.get_float("beta", 1.0) != 1.0):
+        return "Gemm with transA or beta != 1"
     if any(v is None or v.const_value is None for v in bn.inputs[1:5]):
         return "BatchNormalization parameters are not constants"
     for const in producer.inputs[1:3]:

@@ -73,7 +73,7 @@ class InsertObservers(Pass):
             floats.sort(key=lambda n: {"Gemm": 0, "MatMul": 0, "Conv": 1}.get(view.kind(n) or "", 2))
             if floats:
                 raise PreconditionError(
-                    f"the plan quantizes nothing ({view.names(floats[0])[0]}: {view.meta(floats[0])[FLOAT_META]})"
+                    f"the plan quantizes nothing ({(view.names(floats[0]) or (view.label(floats[0]),))[0]}: {view.meta(floats[0])[FLOAT_META]})"
                 )
             raise PreconditionError("no quantization annotations: run `annotate` first")
 

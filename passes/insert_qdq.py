@@ -106,6 +106,8 @@ def _call_onnx(model: ir.Model) -> PassResult:
     weights stored as codes read by a DequantizeLinear; scales by the same rules as the torch
     graph's fake-quants (one pair per tensor and spec, shared by its readers)."""
     graph = model.graph
+    graph.meta.pop(_NAMES, None)  # names are read afresh: the graph may have been edited
+    graph.meta.pop(_NODE_NAMES, None)
     observers = graph.meta.get(OBSERVERS_META, {})
     made: dict[tuple[str, QSpec], ir.Value] = {}
     counts = {"activations": 0, "weights": 0}
@@ -133,6 +135,8 @@ def _call_onnx(model: ir.Model) -> PassResult:
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         graph.initializers.pop(name)  # float weights now read through their codes only
     graph.meta.pop(OBSERVERS_META, None)
+    graph.meta.pop(_NAMES, None)
+    graph.meta.pop(_NODE_NAMES, None)
     return PassResult(model, any(counts.values()), counts)
 
 
@@ -161,25 +165,50 @@ def _dequantize_weight(graph: ir.Graph, node: ir.Node, weight: ir.Value, fq: Fak
     )
     code_value = add_initializer(graph, f"{weight.name}_quantized", codes)
     code_value.meta[SOURCE_META] = weight
-    dq = ir.Node("", "DequantizeLinear", [code_value, scale, zero_point], attrs, name=f"{weight.name}_DequantizeLinear")
-    _name_output(dq, weight, "dequantized")
+    dq = ir.Node("", "DequantizeLinear", [code_value, scale, zero_point], attrs, name=_free_node_name(graph, f"{weight.name}_DequantizeLinear"))
+    _name_output(graph, dq, weight, "dequantized")
     graph.insert_before(node, dq)
     return dq.outputs[0]
 
 
 def _quantize_dequantize(graph: ir.Graph, node: ir.Node, value: ir.Value, fq: FakeQuant) -> ir.Value:
     scale, zero_point, attrs = _qparams(graph, value, fq)
-    q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], attrs, name=f"{value.name}_QuantizeLinear")
-    q.outputs[0].name = f"{value.name}_quantized"
+    q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], attrs, name=_free_node_name(graph, f"{value.name}_QuantizeLinear"))
+    q.outputs[0].name = _free_value_name(graph, f"{value.name}_quantized")
     q.outputs[0].type = ir.TensorType(zero_point.dtype)
     q.outputs[0].shape = value.shape
-    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero_point], attrs, name=f"{value.name}_DequantizeLinear")
-    _name_output(dq, value, "dequantized")
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zero_point], attrs, name=_free_node_name(graph, f"{value.name}_DequantizeLinear"))
+    _name_output(graph, dq, value, "dequantized")
     graph.insert_before(node, [q, dq])
     return dq.outputs[0]
 
 
-def _name_output(dq: ir.Node, source: ir.Value, suffix: str) -> None:
-    dq.outputs[0].name = f"{source.name}_{suffix}"
+def _name_output(graph: ir.Graph, dq: ir.Node, source: ir.Value, suffix: str) -> None:
+    dq.outputs[0].name = _free_value_name(graph, f"{source.name}_{suffix}")
     dq.outputs[0].type = source.type or ir.TensorType(ir.DataType.FLOAT)
     dq.outputs[0].shape = source.shape
+
+
+def _free_value_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``... if a value of the graph already has that name (a tensor
+    quantized under two specs: an override, or a weight on two axes)."""
+    taken = graph.meta.setdefault(_NAMES, {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs} | set(graph.initializers))
+    return _free(taken, base)
+
+
+def _free_node_name(graph: ir.Graph, base: str) -> str:
+    """A node name not used in ``graph`` yet (onnxruntime refuses two nodes of one name)."""
+    return _free(graph.meta.setdefault(_NODE_NAMES, {n.name for n in graph if n.name}), base)
+
+
+def _free(taken: set[str], base: str) -> str:
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+_NAMES = "qgraph.value_names"  # graph.meta: value names taken (during one insert-qdq run)
+_NODE_NAMES = "qgraph.qdq_node_names"  # graph.meta: node names taken (during one insert-qdq run)

@@ -216,25 +216,28 @@ class SmoothQuant(Pass):
     def _smooth_onnx(self, graph: ir.Graph, node: ir.Node, readers: list[ir.Node], amax: torch.Tensor) -> None:
         x = node.outputs[0]
         weights = [torch.from_numpy(np.array(r.inputs[1].const_value.numpy(), np.float64)) for r in readers]
-        s = self._factors(amax, weights)  # MatMul weights are (in, out)
+        s = self._factors(amax, weights).numpy()  # MatMul weights are (in, out)
+        dtype = x.dtype.numpy() if x.dtype is not None else np.float32  # float16 models stay float16
         for reader, w in zip(readers, weights):
             value = reader.inputs[1]
-            value.const_value = ir.tensor((w * s[:, None]).numpy().astype(np.float32), name=value.name)
+            old = value.const_value.numpy().dtype
+            value.const_value = ir.tensor((w.numpy() * s[:, None]).astype(old), name=value.name)
         node.meta[SMOOTHED_META] = True
         if node.op_type == "Gelu":
-            scaled = _onnx_mul(graph, node, (1.0 / s).numpy().astype(np.float32))
+            scaled = _onnx_mul(graph, node, (1.0 / s).astype(dtype))
             for reader in readers:
                 reader.replace_input_with(0, scaled)
             return
         for index in (1, 2):  # exporters merge equal constants (fresh LayerNorms share 1s and 0s): own copies
             value = node.inputs[index]
-            scaled = (np.array(value.const_value.numpy(), np.float64) / s.numpy()).astype(np.float32)
+            array = value.const_value.numpy()
+            scaled = (array.astype(np.float64) / s).astype(array.dtype)
             node.replace_input_with(index, add_initializer(graph, f"{value.name}_smoothed", scaled))
             if not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(value.name)
         others = [(use.node, use.idx) for use in x.uses() if use.node not in readers]
         if others or x.is_graph_output():
-            restored = _onnx_mul(graph, node, s.numpy().astype(np.float32))
+            restored = _onnx_mul(graph, node, s.astype(dtype))
             for user, idx in others:
                 user.replace_input_with(idx, restored)
             if x.is_graph_output():

@@ -82,7 +82,12 @@ class AbsHistogram:
             a = np.abs(x.reshape(-1), dtype=np.float32)
         else:
             x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)
-            a = torch.abs(x, out=_scratch(x.numel(), torch.float32)) if x.dtype != torch.float64 else x.abs().float()
+            if x.dtype == torch.float32:
+                a = torch.abs(x, out=_scratch(x.numel(), torch.float32))
+            elif x.dtype == torch.float64:
+                a = x.abs().float()
+            else:  # float16/bfloat16/integers: widened into the scratch buffer first
+                a = _scratch(x.numel(), torch.float32).copy_(x).abs_()
         n = a.size if small else a.numel()
         if n == 0:
             return

@@ -10,7 +10,8 @@ as long as onnxruntime runs it — stay in float.
 external tensors on disk until they are used), refuses what cannot be quantized (invalid files,
 opset < 11, already-quantized models, models without float weights), and normalises it with
 onnx-ir's own passes: constants lifted to initializers, initializers removed from the inputs,
-Identity nodes and dead nodes removed, topological order, shape inference.
+Identity nodes and dead nodes removed, topological order, shape inference; transposes of
+constant weights are folded (``MatMul(x, Transpose(W))`` from exporters that do not fold).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def load_onnx_model(path: str | Path) -> ir.Model:
             "pass the float model it came from"
         )
     for value in model.graph.inputs:
-        if value.dtype is not None and not (value.dtype in _FLOAT_TYPES or value.dtype.is_integer()):
-            raise InputError(f"{path}: input {value.name} is {value.dtype}; inputs must be float or integer tensors")
+        if value.dtype is not None and not (value.dtype in _FLOAT_TYPES or value.dtype.is_integer() or value.dtype == ir.DataType.BOOL):
+            raise InputError(f"{path}: input {value.name} is {value.dtype}; inputs must be float, integer or bool tensors")
     for pass_ in (
         common.RemoveInitializersFromInputsPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -109,7 +110,27 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     _load_external_data(model)
     with contextlib.suppress(Exception):  # shapes are a help, not a must (custom ops have none)
         common.ShapeInferencePass()(model)
+    _fold_weight_transposes(model)
     return model
+
+
+def _fold_weight_transposes(model: ir.Model) -> None:
+    """``Transpose(W)`` of a constant → a transposed constant: exporters without constant
+    folding write ``nn.Linear`` as ``MatMul(x, Transpose(W))``, whose weight is then a constant
+    again (per-channel weight scales, not an activation quantizer)."""
+    graph = model.graph
+    for node in list(graph):
+        w = node.inputs[0] if node.op_type == "Transpose" and node.domain in ("", "ai.onnx") and node.inputs else None
+        out = node.outputs[0] if w is not None else None
+        if w is None or w.const_value is None or isinstance(w.const_value, ir.ExternalTensor) or out.is_graph_output():
+            continue
+        array = w.const_value.numpy()
+        perm = node.attributes.get_ints("perm", list(range(array.ndim))[::-1])
+        folded = add_initializer(graph, f"{w.name}_transposed", np.ascontiguousarray(np.transpose(array, perm)))
+        out.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        if not w.uses() and not w.is_graph_output():
+            graph.initializers.pop(w.name)
 
 
 def _load_external_data(model: ir.Model) -> None:
@@ -161,11 +182,18 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     """The model at opset ``target`` (onnx's version converter) if it is below; else itself."""
     if model_opset(model) >= target:
         return model
+    base_dir = next(
+        (v.const_value.base_dir for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)),
+        None,
+    )
     try:
         proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
     except Exception as exc:
         raise InputError(f"cannot upgrade the model from opset {model_opset(model)} to {target}: {first_line(exc)}") from None
-    return ir.serde.deserialize_model(proto)
+    upgraded = ir.serde.deserialize_model(proto)
+    if base_dir is not None:  # weights left on disk (a large model) are found where they were
+        ir.external_data.set_base_dir(upgraded.graph, base_dir)
+    return upgraded
 
 
 def serialize(model: ir.Model) -> bytes:
@@ -242,7 +270,8 @@ class OnnxView(GraphView):
 
     def label(self, op: ir.Node) -> str:
         kind = self.kind(op)
-        return f"{op.name} ({kind})" if kind else (op.name or op.op_type)
+        name = op.name or f"an unnamed {op.op_type}"
+        return f"{name} ({kind})" if kind and op.name else name
 
     def names(self, op: ir.Node) -> tuple[str, ...]:
         scopes = op.metadata_props.get("pkg.torch.onnx.name_scopes", "")

@@ -360,3 +360,14 @@ def test_numpy_and_torch_inputs_give_the_same_histogram():
             b.update(torch.from_numpy(p))
         assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax), t
         assert torch.equal(a.counts, b.counts), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_are_binned_as_float32(dtype):
+    """float16/bfloat16 activations (half models, either door) give the bins of their float32 values."""
+    x = torch.randn(70_000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a, b = AbsHistogram(256), AbsHistogram(256)
+    a.update(x)
+    b.update(x.float())
+    assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax)
+    assert torch.equal(a.counts, b.counts)

@@ -306,7 +306,7 @@ def test_folds_one_bn_and_refuses_another_in_the_same_graph():
 # --- the same pass on ONNX models (onnx-ir) ----------------------------------------------------------
 
 
-def _onnx_bn_model(producer: str, *, shared_weight: bool = False, second_reader: bool = False):  # noqa: ANN202
+def _onnx_bn_model(producer: str, *, shared_weight: bool = False, second_reader: bool = False, gemm_beta: bool = False):  # noqa: ANN202
     """x → Conv|ConvTranspose(groups 2)|Gemm(transB 0) → BatchNormalization → y, as onnx-ir."""
     import numpy as np
     import onnx_ir as ir
@@ -315,7 +315,7 @@ def _onnx_bn_model(producer: str, *, shared_weight: bool = False, second_reader:
     rng = np.random.default_rng(0)
     c = 4
     if producer == "Gemm":
-        x_shape, w_shape, attrs = ["N", 6], (6, c), {}
+        x_shape, w_shape, attrs = ["N", 6], (6, c), ({"beta": 0.5} if gemm_beta else {})
     elif producer == "Conv":
         x_shape, w_shape, attrs = ["N", 3, 5, 5], (c, 3, 3, 3), {"pads": [1, 1, 1, 1]}
     else:
@@ -324,7 +324,10 @@ def _onnx_bn_model(producer: str, *, shared_weight: bool = False, second_reader:
     for name, values in (("scale", rng.random(c) + 0.5), ("B", rng.standard_normal(c) * 0.1),
                          ("mean", rng.standard_normal(c) * 0.1), ("var", rng.random(c) + 0.5)):
         inits.append(numpy_helper.from_array(values.astype(np.float32), name))
-    nodes = [helper.make_node(producer, ["x", "W"], ["h"], name="producer", **attrs),
+    bias = ["C"] if gemm_beta else []
+    if gemm_beta:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "C"))
+    nodes = [helper.make_node(producer, ["x", "W", *bias], ["h"], name="producer", **attrs),
              helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["y"], name="bn", epsilon=1e-3)]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
     if shared_weight:
@@ -366,8 +369,8 @@ def test_onnx_fold_census_numerics_and_idempotence(producer):
     assert not FoldBatchNorm()(model).modified
 
 
-@pytest.mark.parametrize("near_miss", ["shared_weight", "second_reader"])
+@pytest.mark.parametrize("near_miss", ["shared_weight", "second_reader", "gemm_beta"])
 def test_onnx_fold_near_misses_untouched(near_miss):
-    model, x = _onnx_bn_model("Conv", **{near_miss: True})
+    model, x = _onnx_bn_model("Gemm" if near_miss == "gemm_beta" else "Conv", **{near_miss: True})
     result = FoldBatchNorm()(model)
     assert not result.modified and "BatchNormalization" in [n.op_type for n in model.graph]

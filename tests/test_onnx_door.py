@@ -293,3 +293,112 @@ def test_float16_model(tmp_path, capsys):
     with torch.no_grad():
         want = model(x.half()).float().numpy()
     assert np.abs(_run(lowered, xs).astype(np.float32) - want).max() <= 0.05 * np.abs(want).max()
+
+
+# --- cases found in review -------------------------------------------------------------------------
+
+
+def test_float16_transformer_with_smoothing(tmp_path, capsys):
+    """TensorRT's default pipeline (smooth-quant on LayerNorm and GELU) keeps a float16 graph float16."""
+    model, x = make("transformer")
+    path = tmp_path / "tf16.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model.half(), (x.half(),), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim.AUTO},)).save(str(path))
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, *x.shape[1:])).astype(np.float16))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "--calibrator", "percentile"]) == 0
+    printed = capsys.readouterr().out
+    assert "smooth-quant(alpha=0.8,gelu=true)" in printed and "tensorrt rules: OK (6/6" in printed, printed
+    with torch.no_grad():
+        want = model(x.half()).float().numpy()
+    got = _run(onnx.load(str(out)), x.half().numpy()).astype(np.float32)
+    assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
+
+
+def test_legacy_export_without_constant_folding_keeps_weights_constant(tmp_path, capsys):
+    """TorchScript exports without constant folding write nn.Linear as MatMul(x, Transpose(W)):
+    the transpose is folded at load, so the weights get per-channel weight quantizers."""
+    model, x = make("transformer")
+    path = tmp_path / "tf.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, do_constant_folding=False, input_names=["x"])
+    calib = _npz(tmp_path, x=np.random.default_rng(0).standard_normal((32, *x.shape[1:])).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "-q"]) == 0
+    lowered = onnx.load(str(out))
+    inits = {i.name for i in lowered.graph.initializer}
+    weight_dqs = [n for n in lowered.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dqs) == 4  # qkv, proj, fc1, fc2: per-channel weights, not activation Q/DQ
+    assert tensorrt.inspect_model(lowered).violations == []
+
+
+def test_deep_residual_stack_plans_without_recursion():
+    """300 residual blocks: the planner's look-ahead does not recurse through the chain."""
+    from onnx_ir.serde import deserialize_model
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for k in range(300):
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"W{k}"))
+        nodes += [helper.make_node("MatMul", [prev, f"W{k}"], [f"h{k}"]), helper.make_node("Add", [prev, f"h{k}"], [f"x{k}"])]
+        prev = f"x{k}"
+    inits.append(numpy_helper.from_array(np.ones((8, 2), np.float32), "Wout"))
+    nodes.append(helper.make_node("MatMul", [prev, "Wout"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    m = deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert Annotate(tensorrt.INT8)(m).counts["quantized"] == 601  # every MatMul and residual Add
+
+
+def test_a_tensor_under_two_specs_gets_distinct_names(tmp_path, capsys):
+    """h is read in int8 by one MatMul and in fp8 by another (an override): two Q/DQ pairs."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"W{i}") for i in range(3)]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"), helper.make_node("MatMul", ["h", "W1"], ["a"], name="mm1"),
+         helper.make_node("MatMul", ["h", "W2"], ["b"], name="mm2"), helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+    calib = _npz(tmp_path, x=rng.standard_normal((32, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["lower", str(path), "-o", str(out), "--calib", str(calib), "-q", "--override", "mm2=fp8"]) == 0
+    lowered = onnx.load(str(out))
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] == "h" for n in lowered.graph.node) == 2
+    names = [o for n in lowered.graph.node for o in n.output]
+    assert len(names) == len(set(names))
+
+
+def test_upgrading_a_model_whose_weights_stay_on_disk(tmp_path, monkeypatch):
+    """A model too big to read in (the limit lowered to 0 here) keeps finding its external weights
+    after the opset is raised."""
+    import qgraph.onnx_graph as og
+
+    monkeypatch.setattr(og, "_INLINE_LIMIT", 0)
+    w = numpy_helper.from_array(np.arange(32, dtype=np.float32).reshape(8, 4), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(folder / "m.onnx"),
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    upgraded = og.upgrade_opset(og.load_onnx_model(folder / "m.onnx"), 13)
+    np.testing.assert_array_equal(upgraded.graph.initializers["W"].const_value.numpy(), numpy_helper.to_array(w))
+
+
+def test_unnamed_ops_are_named_by_type_in_messages(tmp_path, capsys):
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x2"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("x2", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "b")])
+    path = tmp_path / "anon.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calib = _npz(tmp_path, x=np.ones((4, 4), np.float32), x2=np.ones((4, 4), np.float32))
+    err = _bad(tmp_path, path, calib, capsys, "--backend", "onnxruntime")
+    assert "the plan quantizes nothing (an unnamed MatMul:" in err
