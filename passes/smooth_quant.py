@@ -20,8 +20,8 @@ output (run this before ``annotate``); normalisation over more than the last axi
 
 With ``gelu=True`` a GELU read by Linears is smoothed too: its output cannot absorb ``1/s``, so
 the Linears read ``gelu(x) * (1/s)`` through a new Mul (TensorRT fuses it into the GELU). On an
-ONNX model (onnx-ir) the same rewrites apply to LayerNormalization / Gelu → MatMul with a
-constant (K, N) weight; the channel ranges come from onnxruntime.
+ONNX model (onnx-ir) the same rewrites apply to LayerNormalization / Gelu → MatMul or Gemm with
+a constant weight; the channel ranges come from onnxruntime.
 """
 
 from __future__ import annotations
@@ -215,13 +215,16 @@ class SmoothQuant(Pass):
 
     def _smooth_onnx(self, graph: ir.Graph, node: ir.Node, readers: list[ir.Node], amax: torch.Tensor) -> None:
         x = node.outputs[0]
-        weights = [torch.from_numpy(np.array(r.inputs[1].const_value.numpy(), np.float64)) for r in readers]
-        s = self._factors(amax, weights).numpy()  # MatMul weights are (in, out)
+        weights = [
+            torch.from_numpy(np.array(_weight_in_out(r, r.inputs[1].const_value.numpy()), np.float64)) for r in readers
+        ]
+        s = self._factors(amax, weights).numpy()  # weights as (in, out)
         dtype = x.dtype.numpy() if x.dtype is not None else np.float32  # float16 models stay float16
         for reader, w in zip(readers, weights):
             value = reader.inputs[1]
             old = value.const_value.numpy().dtype
-            value.const_value = ir.tensor((w.numpy() * s[:, None]).astype(old), name=value.name)
+            scaled = _weight_in_out(reader, w.numpy() * s[:, None])  # back to the stored layout
+            value.const_value = ir.tensor(np.ascontiguousarray(scaled).astype(old), name=value.name)
         node.meta[SMOOTHED_META] = True
         if node.op_type == "Gelu":
             scaled = _onnx_mul(graph, node, (1.0 / s).astype(dtype))
@@ -287,12 +290,23 @@ def _onnx_candidates(node: ir.Node, gelu: bool) -> tuple[list[ir.Node], str]:
             return [], "not a LayerNormalization over the last axis with scale and bias"
         if not all(v is not None and v.const_value is not None for v in node.inputs[1:3]):
             return [], "scale or bias is not a constant"
-    readers = [
-        use.node for use in x.uses()
-        if use.node.op_type == "MatMul" and use.idx == 0 and use.node.inputs[1] is not None
-        and _onnx_own_constant(use.node.inputs[1], use.node) and len(use.node.inputs[1].const_value.shape) == 2
-    ]
-    return (list(dict.fromkeys(readers)), "") if readers else ([], "no MatMul with a constant weight reads it")
+    readers = [use.node for use in x.uses() if use.idx == 0 and _onnx_linear(use.node)]
+    return (list(dict.fromkeys(readers)), "") if readers else ([], "no MatMul/Gemm with a constant weight reads it")
+
+
+def _onnx_linear(node: ir.Node) -> bool:
+    """A MatMul or Gemm (no transA) whose weight B is a 2-D constant of its own."""
+    if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return False
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return False
+    w = node.inputs[1]
+    return _onnx_own_constant(w, node) and len(w.const_value.shape) == 2
+
+
+def _weight_in_out(node: ir.Node, w: np.ndarray) -> np.ndarray:
+    """The weight of a MatMul/Gemm as (in, out): a Gemm with transB stores it (out, in)."""
+    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w
 
 
 def _onnx_own_constant(value: ir.Value | None, reader: ir.Node) -> bool:

@@ -257,3 +257,36 @@ def test_onnx_half_refuses_quantized_outputs(tmp_path):
     _, x, m = _ffn_onnx(tmp_path)
     Sequential([Annotate(tensorrt.INT8), InsertObservers(), Calibrate([x]), InsertQDQ()])(m)
     assert not SmoothQuant([x], gelu=True)(m).modified
+
+
+def test_onnx_half_smooths_gemm_readers_like_the_torch_half(tmp_path):
+    """On 2-D inputs exporters write nn.Linear as Gemm (B stored (out, in)): smoothed like the
+    torch door's linear, weights equal to rounding, float function unchanged."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from qgraph.onnx_graph import load_onnx_model, serialize
+
+    model, _ = _ffn()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "ffn2d.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model, (x[:4],), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim.AUTO},)).save(str(path))
+    m = load_onnx_model(path)
+    gemms = [n for n in m.graph if n.op_type == "Gemm"]
+    assert len(gemms) == 2
+    assert SmoothQuant([x], alpha=0.8, gelu=True)(m).counts["smoothed"] == 2
+    gm = capture(model, (x[:4],))
+    SmoothQuant([x], alpha=0.8, gelu=True)(gm)
+    for gemm, name in zip(gemms, ("up.weight", "down.weight")):
+        onnx_w = gemm.inputs[1].const_value.numpy()
+        torch_w = gm.get_parameter(name).detach().numpy()
+        np.testing.assert_allclose(onnx_w if gemm.attributes.get_int("transB", 0) else onnx_w.T, torch_w, rtol=1e-5, atol=1e-6)
+    sess = ort.InferenceSession(serialize(m), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
