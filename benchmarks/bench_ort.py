@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import qgraph
+from qgraph.examples.zoo import randomize_batchnorm
 from qgraph import Sequential
 from qgraph.backends import _onnx, onnxruntime, tensorrt
 from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ, SmoothQuant
@@ -92,16 +93,7 @@ class ResNet18(nn.Module):
 def resnet18(imagenet: bool, seed: int = 0) -> nn.Module:
     """Random weights with non-trivial BatchNorm statistics (folding is part of the job)."""
     torch.manual_seed(seed)
-    model = ResNet18(imagenet)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.3)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return randomize_batchnorm(ResNet18(imagenet), seed, gamma=(0.3, 0.5))
 
 
 def session(model: bytes, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:

@@ -29,7 +29,7 @@ import torch.fx
 
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, op_kind, set_attr, unique_attr_name
-from qgraph.onnx_graph import add_initializer
+from qgraph.onnx_graph import add_initializer, drop_unused_initializers
 from qgraph.passes._util import delete_unused_attrs
 
 __all__ = ["FoldBatchNorm"]
@@ -49,8 +49,8 @@ class FoldBatchNorm(Pass):
     def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
         if isinstance(graph, ir.Model):
             folded = sum(_try_fold_onnx(graph.graph, n) for n in list(graph.graph) if n.op_type == "BatchNormalization")
-            for name in [n for n, v in graph.graph.initializers.items() if folded and not v.uses() and not v.is_graph_output()]:
-                graph.graph.initializers.pop(name)  # the BatchNorm statistics
+            if folded:
+                drop_unused_initializers(graph.graph)  # the BatchNorm statistics
             return PassResult(graph, modified=folded > 0, counts={"folded": folded})
         folded = 0
         for node in list(graph.graph.nodes):

@@ -26,7 +26,14 @@ from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, unique_attr_name
 from qgraph import formats
 from qgraph.observers import Observer
-from qgraph.onnx_graph import OBSERVERS_META, SOURCE_META, add_initializer, is_dequantized, planned_edges
+from qgraph.onnx_graph import (
+    OBSERVERS_META,
+    SOURCE_META,
+    add_initializer,
+    drop_unused_initializers,
+    is_dequantized,
+    planned_edges,
+)
 from qgraph.passes._util import QUANT_META, insert_module_after, is_quantizer
 from qgraph.quant import FakeQuant, QSpec
 
@@ -132,8 +139,7 @@ def _call_onnx(model: ir.Model) -> PassResult:
             else:
                 raise PreconditionError(f"input {index} of {node.name} has no observer: run `insert-observers` first")
         node.replace_input_with(index, made[key])
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        graph.initializers.pop(name)  # float weights now read through their codes only
+    drop_unused_initializers(graph)  # float weights now read through their codes only
     graph.meta.pop(OBSERVERS_META, None)
     graph.meta.pop(_NAMES, None)
     graph.meta.pop(_NODE_NAMES, None)

@@ -109,13 +109,7 @@ class SmoothQuant(Pass):
             return PassResult(graph, False, {"smoothed": 0})
         if isinstance(graph, ir.Model):
             return self._call_onnx(graph)
-        pairs = {}
-        for node in graph.graph.nodes:
-            linears, why = _candidates(graph, node, self.gelu)
-            if linears:
-                pairs[node] = linears
-            elif why:
-                logger.debug("not smoothing %s: %s", node.name, why)
+        pairs = _pairs(graph.graph.nodes, lambda node: _candidates(graph, node, self.gelu))
         if not pairs:
             return PassResult(graph, False, {"smoothed": 0})
         self._check_data()
@@ -179,13 +173,7 @@ class SmoothQuant(Pass):
     def _call_onnx(self, model: ir.Model) -> PassResult:
         """ONNX: the same rewrite on an onnx-ir model (MatMul weights (K, N) scaled per row K);
         the channel ranges come from onnxruntime with the smoothed tensors as extra outputs."""
-        pairs = {}
-        for node in model.graph:
-            readers, why = _onnx_candidates(node, self.gelu)
-            if readers:
-                pairs[node] = readers
-            elif why:
-                logger.debug("not smoothing %s: %s", node.name, why)
+        pairs = _pairs(model.graph, lambda node: _onnx_candidates(node, self.gelu))
         if not pairs:
             return PassResult(model, False, {"smoothed": 0})
         self._check_data()
@@ -246,6 +234,18 @@ class SmoothQuant(Pass):
             if x.is_graph_output():
                 graph.outputs[graph.outputs.index(x)] = restored
                 x.name, restored.name = f"{x.name}_smoothed", x.name
+
+
+def _pairs(nodes: Iterable, candidates) -> dict:  # noqa: ANN001 - node -> (readers, why not)
+    """{smoothable node: the Linears/MatMuls reading it}; why the others are not, in the debug log."""
+    pairs = {}
+    for node in nodes:
+        readers, why = candidates(node)
+        if readers:
+            pairs[node] = readers
+        elif why:
+            logger.debug("not smoothing %s: %s", node.name, why)
+    return pairs
 
 
 def _candidates(gm: torch.fx.GraphModule, node: torch.fx.Node, gelu: bool) -> tuple[list[torch.fx.Node], str]:

@@ -43,6 +43,7 @@ __all__ = [
     "QUANTIZED_OPS",
     "OBSERVERS_META",
     "add_initializer",
+    "drop_unused_initializers",
     "planned_edges",
     "is_dequantized",
 ]
@@ -392,6 +393,12 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     init.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
     graph.register_initializer(init)
     return init
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove initializers nothing reads any more (after a pass replaced them)."""
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)
 
 
 def planned_edges(model: ir.Model) -> Iterator[tuple[ir.Node, int, ir.Value, object]]:

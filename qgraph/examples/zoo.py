@@ -112,15 +112,18 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Give BatchNorms non-trivial statistics so folding is really tested."""
+def randomize_batchnorm(model: nn.Module, seed: int, gamma: tuple[float, float] = (0.5, 1.0)) -> nn.Module:
+    """Give BatchNorms non-trivial statistics so folding is really tested (eval mode).
+
+    ``gamma``: the BatchNorm weights are drawn from ``[gamma[0], gamma[0] + gamma[1])``.
+    """
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) * gamma[1] + gamma[0])
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return model.eval()
 
@@ -138,6 +141,6 @@ def make(name: str, seed: int = 0, batch: int = 4) -> tuple[nn.Module, torch.Ten
     """A zoo model (eval mode, seeded weights and BN statistics) and an example input."""
     factory, shape = ZOO[name]
     torch.manual_seed(seed)
-    model = _randomize_bn(factory(), seed)
+    model = randomize_batchnorm(factory(), seed)
     x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed + 1))
     return model, x
