@@ -8,6 +8,10 @@ by input name); a progress bar is shown when ``progress=True``.
 An ONNX model (onnx-ir) runs in onnxruntime instead, with the tensors its observers watch exposed
 as extra outputs; each batch feeds the same observers (and calibrators) as the torch graph, and
 is dropped before the next one, so memory holds one batch of activations, not the data set.
+Where the model's batch axis is dynamic, consecutive batches of one shape run together while
+their observed outputs stay under ``run_bytes`` (bytes per sample from the tensors' shapes, or
+measured on a first batch run alone where shapes are symbolic): small models then pay onnxruntime's per-run cost once, not per batch, and
+every calibrator ends with the same statistics (histograms are exact under any grouping).
 """
 
 from __future__ import annotations
@@ -35,15 +39,18 @@ class Calibrate(Pass):
     Args:
         data: an iterable of batches; re-iterable if the pass is to run more than once.
         progress: show a progress bar (tqdm) while calibrating.
+        run_bytes: ONNX models: the most bytes of observed tensors one onnxruntime run may
+            return (consecutive batches are concatenated up to it; 0 runs every batch alone).
     """
 
     name = "calibrate"
     graphs = ("fx", "onnx")
     context_keys = ("data", "progress")
 
-    def __init__(self, data: Iterable = (), progress: bool = False) -> None:
+    def __init__(self, data: Iterable = (), progress: bool = False, run_bytes: int = 64 << 20) -> None:
         self.data = data
         self.progress = progress
+        self.run_bytes = run_bytes
 
     def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
         if isinstance(graph, ir.Model):
@@ -88,18 +95,65 @@ class Calibrate(Pass):
         values = {v.name: v for n in model.graph for v in n.outputs} | {v.name: v for v in model.graph.inputs}
         names = [v.name for v in model.graph.inputs]
         fetch = list(fresh)
-        batches = 0
+        # batches can run together only along a dynamic batch axis
+        stackable = bool(names) and all(v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
+                                        for v in model.graph.inputs)
+        state = {"batches": 0, "rows_per_run": _rows_per_run(values, fetch, self.run_bytes) if stackable else 0}
+
+        def run(pending: list[dict[str, np.ndarray]]) -> None:
+            first, done = state["batches"], state["batches"] + len(pending)
+            feeds = pending[0] if len(pending) == 1 else {n: np.concatenate([f[n] for f in pending]) for n in names}
+            try:
+                outs = sess.run(fetch, feeds)
+            except Exception as exc:
+                which = f"batch {first}" if len(pending) == 1 else f"batches {first}-{done - 1}"
+                raise QGraphError(f"the model failed on calibration {which}: {first_line(exc)}") from None
+            if stackable and not state["rows_per_run"]:  # shapes unknown: the first run measures
+                rows = len(next(iter(feeds.values())))
+                per_row = sum(o.nbytes for o in outs) / max(rows, 1)
+                state["rows_per_run"] = max(rows, int(self.run_bytes // max(per_row, 1.0)))
+            for name, out in zip(fetch, outs):
+                for observer in fresh[name]:
+                    observer(out)  # numpy: the observers take arrays as they are
+            state["batches"] = done
+
         with session(model, [values[n] for n in fetch]) as sess:
+            pending: list[dict[str, np.ndarray]] = []
+            rows = 0
             for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
                 feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
-                try:
-                    outs = sess.run(fetch, feeds)
-                except Exception as exc:
-                    raise QGraphError(f"the model failed on calibration batch {batches}: {first_line(exc)}") from None
-                for name, out in zip(fetch, outs):
-                    for observer in fresh[name]:
-                        observer(out)  # numpy: the observers take arrays as they are
-                batches += 1
-        if batches == 0:
+                n = _rows(feeds) if stackable else None
+                if pending and (n is None or not _same_shape(pending[0], feeds) or rows + n > state["rows_per_run"]):
+                    run(pending)
+                    pending, rows = [], 0
+                pending.append(feeds)
+                rows += n or 0
+            if pending:
+                run(pending)
+        if state["batches"] == 0:
             raise QGraphError("calibration data is empty")
-        return PassResult(model, True, {"batches": batches, "observers": sum(map(len, fresh.values()))})
+        return PassResult(model, True, {"batches": state["batches"], "observers": sum(map(len, fresh.values()))})
+
+
+def _rows_per_run(values: dict[str, ir.Value], fetch: list[str], run_bytes: int) -> int:
+    """Samples per run under ``run_bytes`` from the observed tensors' shapes (a symbolic batch
+    axis, static dimensions after it); 0 when a shape is unknown."""
+    per_row = 0
+    for name in fetch:
+        value = values[name]
+        dims = list(value.shape or ())[1:] if value.shape is not None and len(value.shape) else None
+        if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims):
+            return 0
+        per_row += int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize
+    return max(1, int(run_bytes // max(per_row, 1)))
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int | None:
+    """The batch's rows when every input has the same length on axis 0, else None."""
+    sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def _same_shape(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Whether two batches can be concatenated: the same dtypes and shapes after axis 0."""
+    return all(a[k].shape[1:] == b[k].shape[1:] and a[k].dtype == b[k].dtype for k in a)

@@ -217,6 +217,8 @@ def session(model: ir.Model, outputs: list[ir.Value] = (), *, optimize: bool = T
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # no busy-waiting pool threads after a run: the observers work on the same cores between runs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)

@@ -144,16 +144,61 @@ def test_torch_only_passes_refuse_onnx_models():
 
 def test_calibration_feeds_the_same_observers():
     """The ONNX door's observers see what the torch door's see: equal amax per tensor, and a batch
-    count equal to the number of batches (each batch streamed once)."""
+    count equal to the number of batches (each batch streamed once, run by run)."""
     from qgraph.onnx_graph import OBSERVERS_META
 
     calib = _calib("mlp")
     m = load_onnx_model(exported("mlp"))
-    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib, run_bytes=0)])(m)
     observers = m.graph.meta[OBSERVERS_META]
     assert {o.batches for o in observers.values()} == {len(calib)}
     x = observers[("x", tensorrt.INT8.activation)]
     assert x.amax() == pytest.approx(float(torch.cat(calib).abs().max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rescnn", "transformer"])
+def test_batches_run_together_give_the_same_histograms(name):
+    """Batches concatenated into fewer onnxruntime runs (run_bytes) leave every observer with the
+    histogram of running them one by one: same counts, bin width and max."""
+    from qgraph.onnx_graph import OBSERVERS_META
+
+    calib = _calib(name)
+    hists = {}
+    for run_bytes in (0, 64 << 20):
+        m = load_onnx_model(exported(name))
+        Sequential([Annotate(tensorrt.INT8), InsertObservers("entropy"), Calibrate(calib, run_bytes=run_bytes)])(m)
+        observers = m.graph.meta[OBSERVERS_META]
+        hists[run_bytes] = {key: (o.hist.state(), o.hist.amax, o.hist.total, o.batches) for key, o in observers.items()}
+    alone, together = hists[0], hists[64 << 20]
+    assert alone.keys() == together.keys() and alone
+    for key in alone:
+        (c0, w0), amax0, total0, batches0 = alone[key]
+        (c1, w1), amax1, total1, batches1 = together[key]
+        assert (w0, amax0, total0) == (w1, amax1, total1), key
+        np.testing.assert_array_equal(c0, c1)
+        # static shapes after the batch axis: the bytes per sample are known, one run for all
+        assert (batches0, batches1) == (len(calib), 1), key
+
+
+def test_batches_of_other_shapes_run_apart(tmp_path):
+    """A batch whose shape differs after axis 0 (another sequence length) starts a new run."""
+    from qgraph.onnx_graph import OBSERVERS_META
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 4])], [w])
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, t, 8, generator=g) for t in (5, 5, 5, 3, 3, 5)]
+    m = load_onnx_model(path)
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
+    observer = m.graph.meta[OBSERVERS_META][("x", tensorrt.INT8.activation)]
+    # shapes symbolic: [0] alone (it measures the bytes per sample), [1, 2], [3, 4] (length 3), [5]
+    assert observer.batches == 4
+    assert observer.amax() == pytest.approx(max(float(c.abs().max()) for c in calib), rel=1e-6)
 
 
 def test_onnxruntime_backend_from_onnx_fuses_every_weighted_op(tmp_path):
