@@ -26,8 +26,15 @@ recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batc
 student whose weights or whose activations alone are quantized — which part of the gap
 distillation recovers; and INT4 weight-only (w4a16) with 4× the tokens.
 
+``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
+quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
+channels before PTQ: reordering channels so each 16-value block holds channels of like range
+(the residual stream by one permutation, the MLP hidden channels per block) and SmoothQuant
+scales (α 0.5) folded into the LayerNorms.
+
 Usage::
 
+    .venv/bin/python benchmarks/study_qad.py --sensitivity
     .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,w4a16,int8] [--steps 400] [--lr 1e-4]
     .venv/bin/python benchmarks/study_qad.py --ablation
 
@@ -242,6 +249,134 @@ def ablation(steps: int, lr: float) -> list[dict]:
     return rows
 
 
+def _layer_kind(user: str) -> str:
+    """The TinyLM layer a quantizer's reader is: linear_N in capture order (q, k, v, proj, fc1,
+    fc2 per block, then the head) or the attention matmuls."""
+    import re
+
+    m = re.fullmatch(r"linear(?:_(\d+))?", user)
+    if m is None:
+        return "attention matmuls (FP8)"
+    n = int(m.group(1) or 0)
+    return "head" if n >= 24 else ["q, k, v (shared LN1 input)", "q, k, v (shared LN1 input)",
+                                    "q, k, v (shared LN1 input)", "proj", "fc1", "fc2"][n % 6]
+
+
+def _channel_stats(model, calib) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of every LayerNorm output and MLP hidden activation of a TinyLM."""
+    stats, hooks = {}, []
+
+    def hook(name):
+        def record(_mod, _inp, out):
+            a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+        return record
+
+    for i, b in enumerate(model.blocks):
+        for part in ("ln1", "ln2", "act"):
+            hooks.append(getattr(b, part).register_forward_hook(hook(f"{i}.{part}")))
+    hooks.append(model.ln_f.register_forward_hook(hook("ln_f")))
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+@torch.no_grad()
+def _reorder_channels(model, calib):
+    """The same function with channels of like range next to each other: one permutation of the
+    residual stream (by the largest LayerNorm output range of each channel: embeddings,
+    LayerNorms, the rows written into the stream and the columns reading it) and one of each
+    MLP's hidden channels (fc1 rows, fc2 columns)."""
+    m = copy.deepcopy(model)
+    stats = _channel_stats(m, calib)
+    p = torch.argsort(torch.stack([v for k, v in stats.items() if "ln" in k]).amax(0))
+    for emb in (m.tok_emb, m.pos_emb):
+        emb.weight.copy_(emb.weight[:, p])
+    for ln in [b.ln1 for b in m.blocks] + [b.ln2 for b in m.blocks] + [m.ln_f]:
+        ln.weight.copy_(ln.weight[p])
+        ln.bias.copy_(ln.bias[p])
+    for i, b in enumerate(m.blocks):
+        for writer in (b.proj, b.fc2):
+            writer.weight.copy_(writer.weight[p])
+            writer.bias.copy_(writer.bias[p])
+        for reader in (b.q, b.k, b.v, b.fc1):
+            reader.weight.copy_(reader.weight[:, p])
+        h = torch.argsort(stats[f"{i}.act"])
+        b.fc1.weight.copy_(b.fc1.weight[h])
+        b.fc1.bias.copy_(b.fc1.bias[h])
+        b.fc2.weight.copy_(b.fc2.weight[:, h])
+    m.head.weight.copy_(m.head.weight[:, p])
+    return m
+
+
+@torch.no_grad()
+def _smooth_layernorms(model, calib, alpha: float = 0.5):
+    """SmoothQuant folded into each LayerNorm (its output feeds only linears in a pre-LN block):
+    s_j = amax_j^α / wmax_j^(1-α); LN weight and bias / s, the readers' columns × s."""
+    m = copy.deepcopy(model)
+    stats = _channel_stats(m, calib)
+    pairs = [(b.ln1, [b.q, b.k, b.v], stats[f"{i}.ln1"]) for i, b in enumerate(m.blocks)]
+    pairs += [(b.ln2, [b.fc1], stats[f"{i}.ln2"]) for i, b in enumerate(m.blocks)]
+    pairs += [(m.ln_f, [m.head], stats["ln_f"])]
+    for ln, readers, amax in pairs:
+        wmax = torch.stack([r.weight.abs().amax(0) for r in readers]).amax(0)
+        scale = amax.clamp_min(1e-5) ** alpha / wmax.clamp_min(1e-5) ** (1 - alpha)
+        ln.weight /= scale
+        ln.bias /= scale
+        for r in readers:
+            r.weight *= scale
+    return m
+
+
+def sensitivity() -> list[dict]:
+    """NVFP4 PTQ on the LM: KL with one layer kind's quantizers removed; channel regrouping."""
+    import tinylm
+
+    model = tinylm.teacher()
+    calib = tinylm.calibration_batches(8, 32)
+    log_t = tinylm.teacher_log_probs(model)
+    ptq = _calibrated(model, calib[0][:4], "nvfp4", calib)
+    InsertQDQ()(ptq)
+    full = tinylm.score(ptq, log_t)
+    rows = [{"variant": "NVFP4 PTQ, every quantizer", **full}]
+    print(f"NVFP4 PTQ: kl {full['kl']:.4f} ce {full['ce']:.4f}", flush=True)
+    kinds = {}
+    for node in ptq.graph.nodes:
+        if node.op == "call_module" and isinstance(ptq.get_submodule(node.target), FakeQuant):
+            kinds[node.name] = _layer_kind(next(iter(node.users)).name)
+    for kind in dict.fromkeys(kinds.values()):
+        for role in ("activation", "weight"):
+            gm = copy.deepcopy(ptq)
+            removed = 0
+            for node in list(gm.graph.nodes):
+                module = gm.get_submodule(node.target) if node.op == "call_module" else None
+                if isinstance(module, FakeQuant) and kinds.get(node.name) == kind and module.spec.role == role:
+                    node.replace_all_uses_with(node.args[0])
+                    gm.graph.erase_node(node)
+                    removed += 1
+            if not removed:
+                continue
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            r = tinylm.score(gm, log_t)
+            rows.append({"variant": f"without the {role} quantizers of {kind}", "removed": removed, **r,
+                         "kl_share": (full["kl"] - r["kl"]) / full["kl"]})
+            print(f"without {role} of {kind}: kl {r['kl']:.4f} ({100 * rows[-1]['kl_share']:.0f} % of PTQ's)", flush=True)
+    for label, rewrite in (("channels reordered (residual stream + MLP hidden)", _reorder_channels),
+                           ("SmoothQuant α 0.5 folded into the LayerNorms", _smooth_layernorms)):
+        rewritten = rewrite(model, calib)
+        same = tinylm.score(rewritten, log_t)  # function preserved: KL to the teacher ~0
+        gm = _calibrated(rewritten, calib[0][:4], "nvfp4", calib)
+        InsertQDQ()(gm)
+        r = tinylm.score(gm, log_t)
+        rows.append({"variant": f"NVFP4 PTQ, {label}", "fp32_kl": same["kl"], **r})
+        print(f"{label}: FP32 KL {same['kl']:.1e}, NVFP4 PTQ kl {r['kl']:.4f} ce {r['ce']:.4f}", flush=True)
+    return rows
+
+
 def study_cnn(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict]:
     import numpy as np
 
@@ -291,15 +426,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ablation", action="store_true", help="NVFP4 QAD variants on the LM")
+    parser.add_argument("--sensitivity", action="store_true", help="where NVFP4 PTQ's KL comes from")
     parser.add_argument("--eager-kernels", action="store_true", help="do not compile the quantizer kernels")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    out = Path(args.out or HERE / ("results_qad_ablation.json" if args.ablation else "results_qad.json"))
+    default = "results_qad_ablation.json" if args.ablation else "results_qad_sensitivity.json" if args.sensitivity else "results_qad.json"
+    out = Path(args.out or HERE / default)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     qops.use_compiled_kernels(not args.eager_kernels)
     start = time.perf_counter()
-    if args.ablation:
+    if args.sensitivity:
+        rows = sensitivity()
+        print("\n| NVFP4 PTQ variant | KL to teacher | share of PTQ's KL | val CE |\n|---|---|---|---|")
+        for r in rows:
+            share = f"{100 * r['kl_share']:.0f} %" if "kl_share" in r else ""
+            print(f"| {r['variant']} | {r['kl']:.4f} | {share} | {r['ce']:.4f} |")
+    elif args.ablation:
         rows = ablation(args.steps, args.lr)
         print("\n| recipe | variant | KL before | KL after | KL gap closed | val CE before → after |\n|---|---|---|---|---|---|")
         for r in rows:
