@@ -11,7 +11,8 @@ is dropped before the next one, so memory holds one batch of activations, not th
 Where the model's batch axis is dynamic, consecutive batches of one shape run together while
 their observed outputs stay under ``run_bytes`` (bytes per sample from the tensors' shapes, or
 measured on a first batch run alone where shapes are symbolic): small models then pay onnxruntime's per-run cost once, not per batch, and
-every calibrator ends with the same statistics (histograms are exact under any grouping).
+every calibrator ends with the same statistics (histograms are exact under any grouping). This
+treats samples as independent, as inference models do; ``run_bytes=0`` runs batches as given.
 """
 
 from __future__ import annotations
@@ -95,9 +96,7 @@ class Calibrate(Pass):
         values = {v.name: v for n in model.graph for v in n.outputs} | {v.name: v for v in model.graph.inputs}
         names = [v.name for v in model.graph.inputs]
         fetch = list(fresh)
-        # batches can run together only along a dynamic batch axis
-        stackable = bool(names) and all(v.shape is not None and len(v.shape) and not isinstance(v.shape[0], int)
-                                        for v in model.graph.inputs)
+        stackable = _shared_batch_axis(model)
         state = {"batches": 0, "rows_per_run": _rows_per_run(values, fetch, self.run_bytes) if stackable else 0}
 
         def run(pending: list[dict[str, np.ndarray]]) -> None:
@@ -126,13 +125,22 @@ class Calibrate(Pass):
                 if pending and (n is None or not _same_shape(pending[0], feeds) or rows + n > state["rows_per_run"]):
                     run(pending)
                     pending, rows = [], 0
+                if n is None:  # a batch that cannot join others runs alone
+                    run([feeds])
+                    continue
                 pending.append(feeds)
-                rows += n or 0
+                rows += n
             if pending:
                 run(pending)
         if state["batches"] == 0:
             raise QGraphError("calibration data is empty")
         return PassResult(model, True, {"batches": state["batches"], "observers": sum(map(len, fresh.values()))})
+
+
+def _shared_batch_axis(model: ir.Model) -> bool:
+    """Whether every input's axis 0 is the same symbolic dimension (batches can run together)."""
+    firsts = {v.shape[0] if v.shape is not None and len(v.shape) else None for v in model.graph.inputs}
+    return len(firsts) == 1 and next(iter(firsts)) is not None and not isinstance(next(iter(firsts)), int)
 
 
 def _rows_per_run(values: dict[str, ir.Value], fetch: list[str], run_bytes: int) -> int:

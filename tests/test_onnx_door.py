@@ -201,6 +201,26 @@ def test_batches_of_other_shapes_run_apart(tmp_path):
     assert observer.amax() == pytest.approx(max(float(c.abs().max()) for c in calib), rel=1e-6)
 
 
+def test_inputs_with_different_batch_axes_run_batch_by_batch(tmp_path):
+    """Inputs whose axis 0 are different symbols may not be independent samples: no joining."""
+    from qgraph.onnx_graph import OBSERVERS_META
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["z", "W"], ["u"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, ["M", 4])], [w])
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)) for _ in range(3)]
+    m = load_onnx_model(path)
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
+    assert m.graph.meta[OBSERVERS_META][("x", tensorrt.INT8.activation)].batches == 3
+
+
 def test_onnxruntime_backend_from_onnx_fuses_every_weighted_op(tmp_path):
     calib = _calib("rescnn")
     m = load_onnx_model(exported("rescnn"))
