@@ -7,12 +7,14 @@ by input name); a progress bar is shown when ``progress=True``.
 
 An ONNX model (onnx-ir) runs in onnxruntime instead, with the tensors its observers watch exposed
 as extra outputs; each batch feeds the same observers (and calibrators) as the torch graph, and
-is dropped before the next one, so memory holds one batch of activations, not the data set.
-Where the model's batch axis is dynamic, consecutive batches of one shape run together while
-their observed outputs stay under ``run_bytes`` (bytes per sample from the tensors' shapes, or
-measured on a first batch run alone where shapes are symbolic): small models then pay onnxruntime's per-run cost once, not per batch, and
-every calibrator ends with the same statistics (histograms are exact under any grouping). This
-treats samples as independent, as inference models do; ``run_bytes=0`` runs batches as given.
+is dropped before the next one, so memory holds one run's activations, not the data set.
+Where every model input has one named symbolic batch axis, consecutive batches of one shape run
+together while their observed outputs stay under ``run_bytes`` (bytes per sample from the
+tensors' shapes, or measured on the first batch of each shape, run alone): small models then pay
+onnxruntime's per-run cost once, not per batch, and every calibrator ends with the same
+statistics (histograms are exact under any grouping). This treats samples as independent, as
+inference models do; a model that fails on joined batches (a batch size fixed inside) is run
+batch by batch from then on, and ``run_bytes=0`` runs batches as given.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ class Calibrate(Pass):
         return PassResult(graph, True, {"batches": batches, "observers": len(fresh)})
 
     def _call_onnx(self, model: ir.Model) -> PassResult:
-        """Run the model in onnxruntime with the observed tensors as extra outputs, batch by
-        batch; each batch's tensors go to their observers and are dropped (bounded memory)."""
+        """Run the model in onnxruntime with the observed tensors as extra outputs, run by run;
+        each run's tensors go to their observers and are dropped (bounded memory)."""
         observers = model.graph.meta.get(OBSERVERS_META, {})
         fresh: dict[str, list[Observer]] = {}
         for (name, _), observer in observers.items():
@@ -96,36 +98,49 @@ class Calibrate(Pass):
         values = {v.name: v for n in model.graph for v in n.outputs} | {v.name: v for v in model.graph.inputs}
         names = [v.name for v in model.graph.inputs]
         fetch = list(fresh)
-        stackable = _shared_batch_axis(model)
-        state = {"batches": 0, "rows_per_run": _rows_per_run(values, fetch, self.run_bytes) if stackable else 0}
+        batch_dim = _shared_batch_dim(model) if self.run_bytes > 0 else None
+        # rows per run: from the observed tensors' shapes, or measured per input shape on a batch
+        # of that shape run alone
+        static_rows = _rows_from_shapes(values, fetch, batch_dim, self.run_bytes) if batch_dim is not None else 0
+        measured: dict[tuple, int] = {}
+        state = {"batches": 0, "join": batch_dim is not None}
+
+        def limit(feeds: dict[str, np.ndarray]) -> int:
+            return static_rows or measured.get(_signature(feeds), 0)
 
         def run(pending: list[dict[str, np.ndarray]]) -> None:
-            first, done = state["batches"], state["batches"] + len(pending)
-            feeds = pending[0] if len(pending) == 1 else {n: np.concatenate([f[n] for f in pending]) for n in names}
-            try:
-                outs = sess.run(fetch, feeds)
-            except Exception as exc:
-                which = f"batch {first}" if len(pending) == 1 else f"batches {first}-{done - 1}"
-                raise QGraphError(f"the model failed on calibration {which}: {first_line(exc)}") from None
-            if stackable and not state["rows_per_run"]:  # shapes unknown: the first run measures
-                rows = len(next(iter(feeds.values())))
-                per_row = sum(o.nbytes for o in outs) / max(rows, 1)
-                state["rows_per_run"] = max(rows, int(self.run_bytes // max(per_row, 1.0)))
+            if len(pending) > 1:
+                try:
+                    outs = sess.run(fetch, {n: np.concatenate([f[n] for f in pending]) for n in names})
+                except Exception:  # the model does not take joined batches (a fixed batch size)
+                    state["join"] = False  # one by one from here on, which also finds a bad batch
+                    for feeds in pending:
+                        run([feeds])
+                    return
+            else:
+                try:
+                    outs = sess.run(fetch, pending[0])
+                except Exception as exc:
+                    raise QGraphError(f"the model failed on calibration batch {state['batches']}: {first_line(exc)}") from None
+            rows = sum(_rows(f) or 0 for f in pending)
+            if state["join"] and not limit(pending[0]) and rows:  # measure this shape's bytes per sample
+                measured[_signature(pending[0])] = max(1, int(self.run_bytes // max(sum(o.nbytes for o in outs) / rows, 1.0)))
             for name, out in zip(fetch, outs):
                 for observer in fresh[name]:
                     observer(out)  # numpy: the observers take arrays as they are
-            state["batches"] = done
+            state["batches"] += len(pending)
 
         with session(model, [values[n] for n in fetch]) as sess:
             pending: list[dict[str, np.ndarray]] = []
             rows = 0
             for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
                 feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
-                n = _rows(feeds) if stackable else None
-                if pending and (n is None or not _same_shape(pending[0], feeds) or rows + n > state["rows_per_run"]):
+                n = _rows(feeds) if state["join"] else None
+                joins = n is not None and limit(feeds) > 0
+                if pending and not (joins and _signature(pending[0]) == _signature(feeds) and rows + n <= limit(feeds)):
                     run(pending)
                     pending, rows = [], 0
-                if n is None:  # a batch that cannot join others runs alone
+                if not (joins and state["join"]):  # runs alone: cannot join, or measures its shape
                     run([feeds])
                     continue
                 pending.append(feeds)
@@ -137,23 +152,26 @@ class Calibrate(Pass):
         return PassResult(model, True, {"batches": state["batches"], "observers": sum(map(len, fresh.values()))})
 
 
-def _shared_batch_axis(model: ir.Model) -> bool:
-    """Whether every input's axis 0 is the same symbolic dimension (batches can run together)."""
+def _shared_batch_dim(model: ir.Model) -> ir.SymbolicDim | None:
+    """The named symbolic dimension that is axis 0 of every model input, or None."""
     firsts = {v.shape[0] if v.shape is not None and len(v.shape) else None for v in model.graph.inputs}
-    return len(firsts) == 1 and next(iter(firsts)) is not None and not isinstance(next(iter(firsts)), int)
+    dim = firsts.pop() if len(firsts) == 1 else None
+    return dim if isinstance(dim, ir.SymbolicDim) and dim.value is not None else None
 
 
-def _rows_per_run(values: dict[str, ir.Value], fetch: list[str], run_bytes: int) -> int:
-    """Samples per run under ``run_bytes`` from the observed tensors' shapes (a symbolic batch
-    axis, static dimensions after it); 0 when a shape is unknown."""
-    per_row = 0
+def _rows_from_shapes(values: dict[str, ir.Value], fetch: list[str], batch_dim: ir.SymbolicDim, run_bytes: int) -> int:
+    """Samples per run under ``run_bytes`` from the observed tensors' shapes: each must have the
+    inputs' batch dimension on axis 0 and static dimensions after it; else 0 (measure instead)."""
+    per_row = 0.0
     for name in fetch:
         value = values[name]
-        dims = list(value.shape or ())[1:] if value.shape is not None and len(value.shape) else None
-        if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims):
+        shape = value.shape
+        if shape is None or not len(shape) or shape[0] != batch_dim or value.dtype is None:
             return 0
-        per_row += int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize
-    return max(1, int(run_bytes // max(per_row, 1)))
+        if not all(isinstance(d, int) for d in shape[1:]):
+            return 0
+        per_row += float(np.prod(list(shape[1:]), dtype=np.float64)) * value.dtype.itemsize
+    return max(1, int(run_bytes // max(per_row, 1.0)))
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> int | None:
@@ -162,6 +180,6 @@ def _rows(feeds: dict[str, np.ndarray]) -> int | None:
     return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
-def _same_shape(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    """Whether two batches can be concatenated: the same dtypes and shapes after axis 0."""
-    return all(a[k].shape[1:] == b[k].shape[1:] and a[k].dtype == b[k].dtype for k in a)
+def _signature(feeds: dict[str, np.ndarray]) -> tuple:
+    """What batches must share to be concatenated: input names, dtypes and shapes after axis 0."""
+    return tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(feeds.items()))

@@ -219,8 +219,9 @@ def _mse(counts: np.ndarray, width: float) -> float:
     bounds[:, 1:128] = np.clip(np.ceil(edges - 0.5), 0, n)
     q = np.arange(128)[None, :] * step[:, None]
     err = (np.diff(s2[bounds], axis=1) - q * (2.0 * np.diff(s1[bounds], axis=1) - q * np.diff(s0[bounds], axis=1))).sum(1)
-    # the first candidate at the minimum (equal errors differ by rounding: a relative margin)
-    best = np.flatnonzero(err <= err.min() + 1e-12 * max(1.0, abs(err.min())))[0]
+    # the first candidate at the minimum; equal errors differ by rounding, so a margin relative
+    # to the error itself (squared data units: an absolute one would tie everything on tiny data)
+    best = np.flatnonzero(err <= err.min() + 1e-12 * abs(err.min()))[0]
     return int(cands[best]) * width
 
 

@@ -396,3 +396,14 @@ def test_mse_closed_form_picks_a_brute_force_minimum(seed):
     err = _mse_brute_force(counts, width, cand)
     chosen = _mse_brute_force(counts, width, np.array([round(amax / width)]))[0]
     assert chosen <= err.min() * (1 + 1e-9), (chosen, err.min())
+
+
+@pytest.mark.parametrize("calibrator", ["percentile", "mse", "entropy"])
+@pytest.mark.parametrize("exponent", [-120, -30, 40])
+def test_thresholds_scale_with_the_data(calibrator, exponent):
+    """Data scaled by a power of two (exact in float32) gets the threshold scaled alike: the
+    calibrators compare errors relative to the data, not in absolute units."""
+    x = np.random.default_rng(8).normal(0.0, 1.0, 100_000).astype(np.float32)
+    scale = np.float32(2.0**exponent)
+    base = compute_amax(_hist_of(x, bins=2048), calibrator)
+    assert compute_amax(_hist_of(x * scale, bins=2048), calibrator) == base * float(scale)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph import PreconditionError, Sequential, capture
+from qgraph import PreconditionError, QGraphError, Sequential, capture
 from qgraph.backends import onnxruntime as ort_backend
 from qgraph.backends import tensorrt
 from qgraph.cli import main
@@ -180,45 +180,80 @@ def test_batches_run_together_give_the_same_histograms(name):
         assert (batches0, batches1) == (len(calib), 1), key
 
 
-def test_batches_of_other_shapes_run_apart(tmp_path):
-    """A batch whose shape differs after axis 0 (another sequence length) starts a new run."""
+def _matmul_model(path: Path, inputs: dict[str, list], reshape: list[int] | None = None) -> Path:
+    """``MatMul(input, W)`` per input (W: 8 x 4), the first input optionally through a Reshape."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
+    nodes, outputs, inits = [], [], [w]
+    for i, name in enumerate(inputs):
+        src = name
+        if reshape is not None and i == 0:
+            inits.append(numpy_helper.from_array(np.array(reshape, np.int64), "shape"))
+            nodes.append(helper.make_node("Reshape", [name, "shape"], ["reshaped"]))
+            src = "reshaped"
+        nodes.append(helper.make_node("MatMul", [src, "W"], [f"{name}_y"]))
+        shape = [*(reshape if src == "reshaped" else inputs[name])[:-1], 4]
+        outputs.append(helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, shape))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                              outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _runs(path: Path, calib, observed: str = "x", **kwargs) -> int:  # noqa: ANN001
+    """How many onnxruntime runs the observer of ``observed`` saw (it checks the max, too)."""
     from qgraph.onnx_graph import OBSERVERS_META
 
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 4])], [w])
-    path = tmp_path / "seq.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    m = load_onnx_model(path)
+    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib, **kwargs)])(m)
+    observer = next(o for (name, _), o in m.graph.meta[OBSERVERS_META].items() if name == observed)
+    tensors = [c[0] if isinstance(c, tuple) else c for c in calib]
+    assert observer.amax() == pytest.approx(max(float(c.abs().max()) for c in tensors if c.numel()), rel=1e-6)
+    return observer.batches
+
+
+def test_batches_of_other_shapes_run_apart(tmp_path):
+    """Shapes symbolic after axis 0: each new shape's first batch runs alone (it measures the bytes
+    per sample of that shape); only batches of one shape run together."""
+    path = _matmul_model(tmp_path / "seq.onnx", {"x": ["N", "T", 8]})
     g = torch.Generator().manual_seed(3)
     calib = [torch.randn(4, t, 8, generator=g) for t in (5, 5, 5, 3, 3, 5)]
-    m = load_onnx_model(path)
-    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
-    observer = m.graph.meta[OBSERVERS_META][("x", tensorrt.INT8.activation)]
-    # shapes symbolic: [0] alone (it measures the bytes per sample), [1, 2], [3, 4] (length 3), [5]
-    assert observer.batches == 4
-    assert observer.amax() == pytest.approx(max(float(c.abs().max()) for c in calib), rel=1e-6)
+    assert _runs(path, calib) == 5  # [0] measures, [1, 2], [3] measures length 3, [4], [5]
+    assert _runs(path, calib, run_bytes=0) == 6  # run_bytes=0: every batch alone
 
 
-def test_inputs_with_different_batch_axes_run_batch_by_batch(tmp_path):
-    """Inputs whose axis 0 are different symbols may not be independent samples: no joining."""
-    from qgraph.onnx_graph import OBSERVERS_META
+def test_run_bytes_bound_holds_after_an_empty_batch(tmp_path):
+    """An empty first batch measures nothing; the next one measures, and runs stay in budget."""
+    path = _matmul_model(tmp_path / "seq.onnx", {"x": ["N", "T", 8]})
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.zeros(0, 5, 8)] + [torch.randn(1, 5, 8, generator=g) for _ in range(6)]
+    # x is 5 * 8 float32 = 160 bytes a sample: 320 bytes hold two samples
+    assert _runs(path, calib, run_bytes=320) == 5  # [empty], [1] measures, [2, 3], [4, 5], [6]
 
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["z", "W"], ["u"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("u", TensorProto.FLOAT, ["M", 4])], [w])
-    path = tmp_path / "two.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+def test_model_with_a_fixed_batch_inside_runs_batch_by_batch(tmp_path):
+    """A Reshape that hard-codes the batch size fails on joined batches: calibration goes on one
+    batch at a time, with the same statistics."""
+    path = _matmul_model(tmp_path / "fixed.onnx", {"x": ["N", 8]}, reshape=[4, 8])
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(4, 8, generator=g) for _ in range(3)]
+    assert _runs(path, calib, observed="reshaped") == 3
+
+
+def test_batch_missing_an_input_is_a_clean_error(tmp_path):
+    path = _matmul_model(tmp_path / "two.onnx", {"x": ["N", 8], "z": ["N", 8]})
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)), (torch.randn(4, 8, generator=g),)]
+    with pytest.raises(QGraphError, match="calibration batch 1"):
+        _runs(path, calib)
+
+
+@pytest.mark.parametrize("axes", [("N", "M"), (None, None)])
+def test_inputs_without_one_named_batch_axis_run_batch_by_batch(tmp_path, axes):
+    """Inputs whose axis 0 are different (or unnamed) symbols may not be independent samples."""
+    path = _matmul_model(tmp_path / "two.onnx", {"x": [axes[0], 8], "z": [axes[1], 8]})
     g = torch.Generator().manual_seed(1)
     calib = [(torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)) for _ in range(3)]
-    m = load_onnx_model(path)
-    Sequential([Annotate(tensorrt.INT8), InsertObservers("max"), Calibrate(calib)])(m)
-    assert m.graph.meta[OBSERVERS_META][("x", tensorrt.INT8.activation)].batches == 3
+    assert _runs(path, calib) == 3
 
 
 def test_onnxruntime_backend_from_onnx_fuses_every_weighted_op(tmp_path):
