@@ -30,7 +30,8 @@ distillation recovers; and INT4 weight-only (w4a16) with 4× the tokens.
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
 channels before PTQ: reordering channels so each 16-value block holds channels of like range
 (the residual stream by one permutation, the MLP hidden channels per block) and SmoothQuant
-scales (α 0.5) folded into the LayerNorms.
+scales (α 0.5) folded into the LayerNorms; and QuaRot's rotation of the residual stream by a
+random Hadamard matrix (LayerNorms turned into RMSNorm first).
 
 Usage::
 
@@ -331,6 +332,52 @@ def _smooth_layernorms(model, calib, alpha: float = 0.5):
     return m
 
 
+def _hadamard(n: int, seed: int = 0) -> torch.Tensor:
+    """A random Hadamard rotation: Sylvester's Hadamard matrix with random column signs / sqrt(n)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    return h * signs[None, :] / math.sqrt(n)
+
+
+@torch.no_grad()
+def _rotate_residual(model, calib, rotate: bool = True):
+    """QuaRot's rewrite of a pre-LN model, the same function: every write into the residual stream
+    made zero-mean over the channels (so LayerNorm's mean subtraction is a no-op), each
+    LayerNorm's weight and bias folded into the linears reading it, the LayerNorms replaced by
+    RMSNorm without affine (rotation invariant), then the stream rotated by a random Hadamard
+    matrix Q: embeddings and writers × Q, readers' weights × Q (computed in float64)."""
+    m = copy.deepcopy(model).double()
+    d = m.tok_emb.weight.shape[1]
+    q = _hadamard(d) if rotate else torch.eye(d, dtype=torch.float64)
+    writers = [lin for b in m.blocks for lin in (b.proj, b.fc2)]
+    for emb in (m.tok_emb, m.pos_emb):
+        emb.weight -= emb.weight.mean(1, keepdim=True)
+    for w in writers:
+        w.weight -= w.weight.mean(0, keepdim=True)
+        w.bias -= w.bias.mean()
+    pairs = [(b.ln1, [b.q, b.k, b.v]) for b in m.blocks] + [(b.ln2, [b.fc1]) for b in m.blocks] + [(m.ln_f, [m.head])]
+    for ln, readers in pairs:
+        for r in readers:
+            r.bias += r.weight @ ln.bias
+            r.weight *= ln.weight[None, :]
+    for b in m.blocks:
+        b.ln1 = torch.nn.RMSNorm(d, eps=b.ln1.eps, elementwise_affine=False)
+        b.ln2 = torch.nn.RMSNorm(d, eps=b.ln2.eps, elementwise_affine=False)
+    m.ln_f = torch.nn.RMSNorm(d, eps=m.ln_f.eps, elementwise_affine=False)
+    for emb in (m.tok_emb, m.pos_emb):
+        emb.weight.copy_(emb.weight @ q)
+    for w in writers:
+        w.weight.copy_(q.T @ w.weight)
+        w.bias.copy_(w.bias @ q)
+    for _, readers in pairs:
+        for r in readers:
+            r.weight.copy_(r.weight @ q)
+    return m.float()
+
+
 def sensitivity() -> list[dict]:
     """NVFP4 PTQ on the LM: KL with one layer kind's quantizers removed; channel regrouping."""
     import tinylm
@@ -366,7 +413,10 @@ def sensitivity() -> list[dict]:
                          "kl_share": (full["kl"] - r["kl"]) / full["kl"]})
             print(f"without {role} of {kind}: kl {r['kl']:.4f} ({100 * rows[-1]['kl_share']:.0f} % of PTQ's)", flush=True)
     for label, rewrite in (("channels reordered (residual stream + MLP hidden)", _reorder_channels),
-                           ("SmoothQuant α 0.5 folded into the LayerNorms", _smooth_layernorms)):
+                           ("SmoothQuant α 0.5 folded into the LayerNorms", _smooth_layernorms),
+                           ("zero-mean stream, LayerNorm → RMSNorm, affine folded (no rotation)",
+                            lambda m, c: _rotate_residual(m, c, rotate=False)),
+                           ("the same + the residual stream rotated by a random Hadamard matrix", _rotate_residual)):
         rewritten = rewrite(model, calib)
         same = tinylm.score(rewritten, log_t)  # function preserved: KL to the teacher ~0
         gm = _calibrated(rewritten, calib[0][:4], "nvfp4", calib)
