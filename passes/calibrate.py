@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from qgraph._errors import QGraphError, first_line
+from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.observers import Observer
 from qgraph.onnx_graph import OBSERVERS_META, session
@@ -51,6 +51,8 @@ class Calibrate(Pass):
     context_keys = ("data", "progress")
 
     def __init__(self, data: Iterable = (), progress: bool = False, run_bytes: int = 64 << 20) -> None:
+        if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < 0:
+            raise PreconditionError(f"run_bytes must be an integer >= 0, got {run_bytes!r}")
         self.data = data
         self.progress = progress
         self.run_bytes = run_bytes

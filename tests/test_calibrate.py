@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import qgraph
-from qgraph import QGraphError, Sequential
+from qgraph import PreconditionError, QGraphError, Sequential
 from qgraph.backends.tensorrt import INT8
 from qgraph.examples.zoo import make
 from qgraph.observers import Observer
@@ -195,3 +195,9 @@ def test_verify_after_calibrate():
     gm, x = _observed("depthwise")
     Calibrate(_data(x, n=2))(gm)
     qgraph.verify(gm)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "64", True])
+def test_run_bytes_must_be_a_non_negative_integer(bad):
+    with pytest.raises(PreconditionError, match="run_bytes must be an integer >= 0"):
+        Calibrate([], run_bytes=bad)
