@@ -76,6 +76,8 @@ class SmoothQuant(Pass):
     ) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise QGraphError(f"smooth-quant: alpha must be in [0, 1], got {alpha}")
+        if not isinstance(gelu, (bool, np.bool_)):
+            raise QGraphError(f"smooth-quant: gelu must be true or false, got {gelu!r}")
         self.data = data
         self.alpha = float(alpha)
         self.gelu = bool(gelu)

@@ -290,3 +290,9 @@ def test_onnx_half_smooths_gemm_readers_like_the_torch_half(tmp_path):
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["maybe", 1, None])
+def test_gelu_option_must_be_a_boolean(bad):
+    with pytest.raises(QGraphError, match="gelu must be true or false"):
+        SmoothQuant([], gelu=bad)
