@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
@@ -88,8 +89,20 @@ def _lower(args: argparse.Namespace) -> int:
     if args.pipeline and args.calibrator:
         raise InputError("give --calibrator or --pipeline, not both (put the calibrator in the spec)")
     check_writable(args.output)
-    if args.dump_dir and Path(args.dump_dir).exists() and not Path(args.dump_dir).is_dir():
-        raise InputError(f"--dump-dir {args.dump_dir}: exists and is not a folder")
+    out = Path(args.output)
+    for what, source in (("the input model", args.model), ("the calibration data", args.calib)):
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise InputError(f"-o {args.output} is {what}: write the result to another file")
+    if args.dump_dir:
+        dump = Path(args.dump_dir)
+        if dump.exists() and not dump.is_dir():
+            raise InputError(f"--dump-dir {args.dump_dir}: exists and is not a folder")
+        try:
+            dump.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--dump-dir {args.dump_dir}: cannot create it ({exc.strerror})") from None
+        if not os.access(dump, os.W_OK):
+            raise InputError(f"--dump-dir {args.dump_dir}: folder is not writable")
     if args.parity_samples < 1:
         raise InputError(f"--parity-samples must be >= 1, got {args.parity_samples}")
     start = time.perf_counter()
@@ -155,6 +168,8 @@ def _inspect(args: argparse.Namespace) -> int:
         model = onnx.load(str(path))  # external data is read from beside the model
     except Exception as exc:
         raise InputError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
+    if not model.opset_import and not model.graph.node:  # protobuf parses an empty file as a model
+        raise InputError(f"{path}: not a valid ONNX model (no graph)")
     report = module.inspect_model(model)
     print(report.summary())
     return 1 if report.violations else 0

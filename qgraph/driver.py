@@ -284,13 +284,21 @@ def check_writable(path: str | Path) -> Path:
         raise InputError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {path}: folder {parent} is not writable")
+    try:  # access() can say yes where creating a file fails (/proc, /sys, read-only mounts)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
     return path
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a half-written file."""
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # e.g. a folder access() calls writable that is not (/proc, /sys)
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -203,6 +203,35 @@ def test_unwritable_output(tmp_path, model_file, calib_file, capsys):
     assert not (tmp_path / "missing").exists()
 
 
+def test_output_onto_an_input_is_refused(tmp_path, model_file, calib_file, capsys):
+    """-o naming the model or the calibration file would overwrite it: refused, both unchanged."""
+    import shutil
+
+    model, calib = tmp_path / model_file.name, tmp_path / calib_file.name
+    shutil.copy(model_file, model)
+    shutil.copy(calib_file, calib)
+    before = {p: _digest(p) for p in (model, calib)}
+    for out, what in ((model, "the input model"), (calib, "the calibration data")):
+        assert main(["lower", str(model), "--calib", str(calib), "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is {what}" in err, err
+    assert {p: _digest(p) for p in (model, calib)} == before
+
+
+def test_dump_dir_that_cannot_be_created(tmp_path, model_file, calib_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--dump-dir", str(blocker / "dumps"))
+    assert "--dump-dir" in err and "cannot create it" in err
+
+
+def test_inspect_refuses_an_empty_file(tmp_path, capsys):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert main(["inspect", str(empty)]) == 2
+    assert "not a valid ONNX model" in capsys.readouterr().err
+
+
 def test_console_script_exit_status(tmp_path, calib_file):
     """The installed entry point: exit 2 and one line on stderr, no traceback."""
     bad = tmp_path / "bad.onnx"
