@@ -103,6 +103,7 @@ def load_onnx_model(path: str | Path) -> ir.Model:
         common.IdentityEliminationPass(),
         common.RemoveUnusedNodesPass(),
         common.TopologicalSortPass(),
+        common.NameFixPass(_OpTypeNames()),  # unnamed nodes get names: overrides and messages can name them
     ):
         pass_(model)
     weights = [v for v in model.graph.initializers.values() if v.dtype in _FLOAT_TYPES and v.const_value is not None and v.const_value.size > 1]
@@ -113,6 +114,14 @@ def load_onnx_model(path: str | Path) -> ir.Model:
         common.ShapeInferencePass()(model)
     _fold_weight_transposes(model)
     return model
+
+
+class _OpTypeNames(common.naming.SimpleNameGenerator):
+    """An unnamed node is named after its op type (``MatMul``, ``MatMul_1``, ...: NameFixPass
+    makes them unique), so ``--override 'MatMul*=float'`` can select it."""
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        return node.name or node.op_type
 
 
 def _fold_weight_transposes(model: ir.Model) -> None:

@@ -247,6 +247,17 @@ def test_batch_missing_an_input_is_a_clean_error(tmp_path):
         _runs(path, calib)
 
 
+def test_unnamed_nodes_are_named_by_op_type_for_overrides(tmp_path):
+    """Nodes without names (hand-built or older exporters) get their op type as name at load, so
+    an override pattern can select them."""
+    path = _matmul_model(tmp_path / "unnamed.onnx", {"x": ["N", 8], "z": ["N", 8]})
+    assert all(not n.name for n in onnx.load(str(path)).graph.node)
+    m = load_onnx_model(path)
+    assert [n.name for n in m.graph] == ["MatMul", "MatMul_1"]
+    result = Annotate(tensorrt.INT8, overrides=[("MatMul_1", None)])(m)
+    assert result.counts == {"quantized": 1, "float": 1}, result.counts
+
+
 @pytest.mark.parametrize("axes", [("N", "M"), (None, None)])
 def test_inputs_without_one_named_batch_axis_run_batch_by_batch(tmp_path, axes):
     """Inputs whose axis 0 are different (or unnamed) symbols may not be independent samples."""
@@ -492,6 +503,7 @@ def test_upgrading_a_model_whose_weights_stay_on_disk(tmp_path, monkeypatch):
 
 
 def test_unnamed_ops_are_named_by_type_in_messages(tmp_path, capsys):
+    """An unnamed node gets its op type as name at load (NameFixPass), so messages can name it."""
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "x2"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
                                helper.make_tensor_value_info("x2", TensorProto.FLOAT, [4, 4])],
@@ -501,4 +513,4 @@ def test_unnamed_ops_are_named_by_type_in_messages(tmp_path, capsys):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     calib = _npz(tmp_path, x=np.ones((4, 4), np.float32), x2=np.ones((4, 4), np.float32))
     err = _bad(tmp_path, path, calib, capsys, "--backend", "onnxruntime")
-    assert "the plan quantizes nothing (an unnamed MatMul:" in err
+    assert "the plan quantizes nothing (MatMul: " in err
