@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 import qgraph
-from qgraph.examples.zoo import randomize_batchnorm
 from qgraph import Sequential
 from qgraph.backends import _onnx, onnxruntime, tensorrt
+from qgraph.examples.zoo import randomize_batchnorm
 from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ, SmoothQuant
 
 HERE = Path(__file__).resolve().parent

@@ -133,11 +133,14 @@ def _three_ways(model, example, recipe, calib, batches_fn, task_loss, steps, lr)
     return ptq, qat, qad, {"qat_s": qat_s, "qad_s": qad_s, "qat_loss": qat_hist, "qad_loss": qad_hist}
 
 
-def _without_quantizers(gm: torch.fx.GraphModule, role: str) -> torch.fx.GraphModule:
-    """A copy of ``gm`` with the quantizers of ``role`` ("weight" or "activation") taken out."""
+def _without_quantizers(gm: torch.fx.GraphModule, role: str, only: set[str] | None = None) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with the quantizers of ``role`` ("weight" or "activation") taken out
+    (those named in ``only``, if given)."""
     gm = copy.deepcopy(gm)
     for node in list(gm.graph.nodes):
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if only is not None and node.name not in only:
+            continue
         if isinstance(module, FakeQuant) and (module.spec.role == "weight") == (role == "weight"):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
@@ -390,26 +393,19 @@ def sensitivity() -> list[dict]:
     full = tinylm.score(ptq, log_t)
     rows = [{"variant": "NVFP4 PTQ, every quantizer", **full}]
     print(f"NVFP4 PTQ: kl {full['kl']:.4f} ce {full['ce']:.4f}", flush=True)
-    kinds = {}
+    kinds = {}  # quantizer node -> (layer kind, role)
     for node in ptq.graph.nodes:
-        if node.op == "call_module" and isinstance(ptq.get_submodule(node.target), FakeQuant):
-            kinds[node.name] = _layer_kind(next(iter(node.users)).name)
-    for kind in dict.fromkeys(kinds.values()):
+        module = ptq.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant):
+            kinds[node.name] = (_layer_kind(next(iter(node.users)).name), module.spec.role)
+    for kind in dict.fromkeys(k for k, _ in kinds.values()):
         for role in ("activation", "weight"):
-            gm = copy.deepcopy(ptq)
-            removed = 0
-            for node in list(gm.graph.nodes):
-                module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                if isinstance(module, FakeQuant) and kinds.get(node.name) == kind and module.spec.role == role:
-                    node.replace_all_uses_with(node.args[0])
-                    gm.graph.erase_node(node)
-                    removed += 1
-            if not removed:
+            names = {n for n, (k, r) in kinds.items() if k == kind and r == role}
+            if not names:
                 continue
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
+            gm = _without_quantizers(ptq, role, names)
             r = tinylm.score(gm, log_t)
-            rows.append({"variant": f"without the {role} quantizers of {kind}", "removed": removed, **r,
+            rows.append({"variant": f"without the {role} quantizers of {kind}", "removed": len(names), **r,
                          "kl_share": (full["kl"] - r["kl"]) / full["kl"]})
             print(f"without {role} of {kind}: kl {r['kl']:.4f} ({100 * rows[-1]['kl_share']:.0f} % of PTQ's)", flush=True)
     for label, rewrite in (("channels reordered (residual stream + MLP hidden)", _reorder_channels),

@@ -107,8 +107,8 @@ class Calibrate(Pass):
         measured: dict[tuple, int] = {}
         state = {"batches": 0, "join": batch_dim is not None}
 
-        def limit(feeds: dict[str, np.ndarray]) -> int:
-            return static_rows or measured.get(_signature(feeds), 0)
+        def limit(signature: tuple) -> int:
+            return static_rows or measured.get(signature, 0)
 
         def run(pending: list[dict[str, np.ndarray]]) -> None:
             if len(pending) > 1:
@@ -125,7 +125,7 @@ class Calibrate(Pass):
                 except Exception as exc:
                     raise QGraphError(f"the model failed on calibration batch {state['batches']}: {first_line(exc)}") from None
             rows = sum(_rows(f) or 0 for f in pending)
-            if state["join"] and not limit(pending[0]) and rows:  # measure this shape's bytes per sample
+            if state["join"] and rows and not limit(_signature(pending[0])):  # measure this shape's bytes per sample
                 measured[_signature(pending[0])] = max(1, int(self.run_bytes // max(sum(o.nbytes for o in outs) / rows, 1.0)))
             for name, out in zip(fetch, outs):
                 for observer in fresh[name]:
@@ -134,19 +134,20 @@ class Calibrate(Pass):
 
         with session(model, [values[n] for n in fetch]) as sess:
             pending: list[dict[str, np.ndarray]] = []
-            rows = 0
+            pending_signature, rows = None, 0
             for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
                 feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
                 n = _rows(feeds) if state["join"] else None
-                joins = n is not None and limit(feeds) > 0
-                if pending and not (joins and _signature(pending[0]) == _signature(feeds) and rows + n <= limit(feeds)):
+                signature = _signature(feeds) if n is not None else None
+                cap = limit(signature) if signature is not None else 0  # 0: cannot join
+                if pending and not (cap and signature == pending_signature and rows + n <= cap):
                     run(pending)
                     pending, rows = [], 0
-                if not (joins and state["join"]):  # runs alone: cannot join, or measures its shape
+                if not (cap and state["join"]):  # runs alone: cannot join, or measures its shape
                     run([feeds])
                     continue
                 pending.append(feeds)
-                rows += n
+                pending_signature, rows = signature, rows + n
             if pending:
                 run(pending)
         if state["batches"] == 0:
