@@ -84,7 +84,7 @@ def _zero(elem_name: str, shape: tuple[int, ...]):  # noqa: ANN202 - an onnxscri
     """A typed all-zero zero-point (QuantizeLinear infers its output type from it)."""
     elem = _element(elem_name)
     op = op23 if elem_name == "fp4_e2m1" else op21 if elem.bits == 4 else op20
-    return op.Constant(value=ir.tensor(np.zeros(shape, elem.np_dtype)))
+    return op.Constant(value=ir.Tensor(np.zeros(shape, elem.np_dtype)))
 
 
 def _shape(value) -> tuple[int, ...]:  # noqa: ANN001

@@ -183,9 +183,9 @@ def _try_fold_onnx(graph: ir.Graph, bn: ir.Node) -> bool:
     eps = bn.attributes.get_float("epsilon", 1e-5)
     new_w, new_b = _folded(weight, tensor(b_value), *(tensor(v) for v in bn.inputs[1:5]), eps, groups)
     new_w = new_w.t() if transposed else new_w
-    w_value.const_value = ir.tensor(new_w.contiguous().numpy(), name=w_value.name)
+    w_value.const_value = ir.Tensor(new_w.contiguous().numpy(), name=w_value.name)
     if b_value is not None:
-        b_value.const_value = ir.tensor(new_b.numpy(), name=b_value.name)
+        b_value.const_value = ir.Tensor(new_b.numpy(), name=b_value.name)
     else:
         bias = add_initializer(graph, f"{w_value.name}_bias", new_b.numpy())
         producer.resize_inputs(3)

@@ -214,7 +214,7 @@ class SmoothQuant(Pass):
             value = reader.inputs[1]
             old = value.const_value.numpy().dtype
             scaled = _weight_in_out(reader, w.numpy() * s[:, None])  # back to the stored layout
-            value.const_value = ir.tensor(np.ascontiguousarray(scaled).astype(old), name=value.name)
+            value.const_value = ir.Tensor(np.ascontiguousarray(scaled).astype(old), name=value.name)
         node.meta[SMOOTHED_META] = True
         if node.op_type == "Gelu":
             scaled = _onnx_mul(graph, node, (1.0 / s).astype(dtype))

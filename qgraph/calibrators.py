@@ -31,8 +31,13 @@ __all__ = ["AbsHistogram", "CALIBRATORS", "compute_amax"]
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 
 _QUANT_LEVELS = 128  # |x| maps to codes 0..127 under symmetric int8
-_NUMPY_LIMIT = 1 << 18  # arrays up to this many values are binned by numpy (no thread-pool wake-up)
+# numpy arrays (onnxruntime's outputs) up to this many values are binned by numpy in chunks that
+# stay in cache: no thread-pool wake-up and no page faults on fresh scratch buffers, which cost a
+# fresh process more than the binning itself; larger ones go to torch's multi-threaded passes
+_NUMPY_LIMIT = 1 << 22
+_CHUNK = 1 << 16
 _MAX_CANDIDATES = 512
+_BLOCK = 128  # entropy candidates per block
 
 
 class AbsHistogram:
@@ -71,34 +76,44 @@ class AbsHistogram:
     def update(self, x: torch.Tensor | np.ndarray) -> None:
         """Add the values of ``x`` (a tensor or numpy array, any shape). NaN/Inf raise QGraphError.
 
-        Small numpy arrays (onnxruntime's outputs) are counted with numpy, larger data with
-        torch (multi-threaded); both compute the same bins.
+        numpy arrays of up to 4 M values (onnxruntime's outputs) are counted with numpy, larger
+        data and tensors with torch (multi-threaded); both compute the same bins.
         """
         if not self.track_counts:
             self._update_max(x.detach() if isinstance(x, torch.Tensor) else x)
             return
-        small = isinstance(x, np.ndarray) and x.size <= _NUMPY_LIMIT and x.dtype != np.float64
-        if small:
-            a = np.abs(x.reshape(-1), dtype=np.float32)
-        else:
-            x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)
-            if x.dtype == torch.float32:
-                a = torch.abs(x, out=_scratch(x.numel(), torch.float32))
-            elif x.dtype == torch.float64:
-                a = x.abs().float()
-            else:  # float16/bfloat16/integers: widened into the scratch buffer first
-                a = _scratch(x.numel(), torch.float32).copy_(x).abs_()
-        n = a.size if small else a.numel()
-        if n == 0:
+        if isinstance(x, np.ndarray) and x.size <= _NUMPY_LIMIT and x.dtype != np.float64:
+            self._update_numpy(x.reshape(-1))
             return
-        m = float(a.max())
+        x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)
+        if x.dtype == torch.float32:
+            a = torch.abs(x, out=_scratch(x.numel(), torch.float32))
+        elif x.dtype == torch.float64:
+            a = x.abs().float()
+        else:  # float16/bfloat16/integers: widened into the scratch buffer first
+            a = _scratch(x.numel(), torch.float32).copy_(x).abs_()
+        if a.numel() == 0 or not self._see(a.numel(), float(a.max())):
+            return
+        if self.width < 2.0**-100:
+            a = a.to(torch.float64)
+        # a and idx are scratch buffers (fresh 25 MB tensors cost more in page faults than the math);
+        # |x| / width is exact (a power of two) and <= the last bin, so truncation is the floor
+        idx = _scratch(a.numel(), torch.int32)
+        idx.copy_(a.mul_(1.0 / self.width))
+        self.counts += torch.bincount(idx, minlength=self.counts.numel())
+
+    def _see(self, n: int, m: float) -> bool:
+        """Account for ``n`` values of largest magnitude ``m``; False when there is nothing to bin.
+
+        Fixes the width on the first non-zero batch and grows the histogram to cover ``m``.
+        """
         if not math.isfinite(m):
             raise QGraphError("non-finite value (NaN or Inf) reached an observer")
         self.total += n
         self.amax = max(self.amax, m)
         if m == 0.0 and self.width is None:
             self.zeros += n
-            return
+            return False
         if self.width is None:
             self.width = 2.0 ** math.ceil(math.log2(m / self.bins))
             self.counts = torch.zeros(math.floor(m / self.width) + 1, dtype=torch.int64)
@@ -108,18 +123,26 @@ class AbsHistogram:
         # Bin i holds [i*width, (i+1)*width): a value on the top edge gets a bin of its own rather
         # than being clamped into the one below, so pairwise merges (here and in `merge`) stay exact.
         self._grow(math.floor(m / self.width) + 1)
-        # |x| / width is exact (a power of two) and <= the last bin, so truncation is the floor
-        if small:
-            scaled = a.astype(np.float64) if self.width < 2.0**-100 else a  # float32 would underflow
-            idx = (scaled * (1.0 / self.width)).astype(np.int32)
-            self.counts += torch.from_numpy(np.bincount(idx, minlength=self.counts.numel()))
+        return True
+
+    def _update_numpy(self, x: np.ndarray) -> None:
+        """Bin a 1-D numpy array chunk by chunk (the same bins as the torch passes)."""
+        if x.size == 0 or not self._see(x.size, max(float(x.max()), -float(x.min()))):
             return
-        if self.width < 2.0**-100:
-            a = a.to(torch.float64)
-        # a and idx are scratch buffers (fresh 25 MB tensors cost more in page faults than the math)
-        idx = _scratch(a.numel(), torch.int32)
-        idx.copy_(a.mul_(1.0 / self.width))
-        self.counts += torch.bincount(idx, minlength=self.counts.numel())
+        # float32 would underflow |x| / width for tiny widths
+        dtype = np.float64 if self.width < 2.0**-100 else np.float32
+        inv = dtype(1.0 / self.width)
+        size = min(_CHUNK, x.size)
+        buf, idx = np.empty(size, dtype), np.empty(size, np.intp)
+        counts = np.zeros(self.counts.numel(), np.int64)
+        for start in range(0, x.size, _CHUNK):
+            chunk = x[start : start + _CHUNK]
+            a, i = buf[: chunk.size], idx[: chunk.size]
+            np.abs(chunk, out=a)
+            np.multiply(a, inv, out=a)
+            i[...] = a  # truncation is the floor: |x| / width >= 0 and exact
+            counts += np.bincount(i, minlength=counts.size)
+        self.counts += torch.from_numpy(counts)
 
     def _update_max(self, x: torch.Tensor | np.ndarray) -> None:
         n = x.size if isinstance(x, np.ndarray) else x.numel()
@@ -193,32 +216,36 @@ def _candidates(n: int, start: int) -> np.ndarray:
     return np.arange(start, n + 1, stride)
 
 
+_ODD = 2 * np.arange(1, _QUANT_LEVELS) - 1  # 2k - 1 for the levels k = 1..127
+
+
 def _mse(counts: np.ndarray, width: float) -> float:
     """The threshold whose symmetric 127-level grid gives the smallest squared error.
 
-    Every bin stands for its centre ``c``; under a threshold with step ``s`` it dequantizes to
-    ``q_k = k s`` with ``k = clip(round(c / s), 0, 127)``. Bins of one level ``k`` are a run of
-    consecutive bins, so with prefix sums of ``n``, ``n c`` and ``n c²`` the error of a level is
-    ``S2 - 2 q_k S1 + q_k² S0`` and a threshold costs O(128) instead of O(bins), for every
-    candidate threshold at once (the ``_entropy`` trick). Ties (a centre exactly half-way between
-    two levels) go to the upper level.
+    Every bin stands for its centre ``c``; under a threshold of ``t`` bins (step ``s = t w / 127``)
+    it dequantizes to ``k s`` with ``k = clip(round(c / s), 0, 127)``; ties (a centre exactly
+    half-way between two levels) go to the upper level. Level ``k >= 1`` starts at the first bin
+    whose centre reaches ``(k - 1/2) s``: bin ``b_k = ceil(((2k - 1) t - 127) / 254)``, an integer
+    formula. With prefix sums ``S0``, ``S1`` of ``n`` and ``n c`` and the total ``S2`` of ``n c²``,
+    the error ``sum_k S2_k - 2 k s S1_k + (k s)² S0_k`` summed by parts over the levels is
+
+        S2 - 2 s (127 S1[n] - sum_k S1[b_k]) + s² (127² S0[n] - sum_k (2k - 1) S0[b_k])
+
+    so a threshold costs two gathers of 127 prefix sums, for every candidate at once.
     """
     n = counts.size
     cands = _candidates(n, max(1, n // 64))
     centers = (np.arange(n) + 0.5) * width
-    zero = np.zeros(1)
-    s0 = np.concatenate([zero, np.cumsum(counts)])
-    s1 = np.concatenate([zero, np.cumsum(counts * centers)])
-    s2 = np.concatenate([zero, np.cumsum(counts * centers * centers)])
-    step = cands * (width / 127.0)  # (m,)
-    # bounds[:, k]: the first bin of level k (level 127 also holds everything clipped above)
-    bounds = np.empty((cands.size, 129), dtype=np.int64)
-    bounds[:, 0], bounds[:, 128] = 0, n
-    # the first bin whose centre (j + 0.5) w is at or above the level's lower edge (k - 0.5) step
-    edges = (np.arange(1, 128) - 0.5)[None, :] * (cands / 127.0)[:, None]  # in bins
-    bounds[:, 1:128] = np.clip(np.ceil(edges - 0.5), 0, n)
-    q = np.arange(128)[None, :] * step[:, None]
-    err = (np.diff(s2[bounds], axis=1) - q * (2.0 * np.diff(s1[bounds], axis=1) - q * np.diff(s0[bounds], axis=1))).sum(1)
+    s0 = np.zeros(n + 1)
+    s1 = np.zeros(n + 1)
+    np.cumsum(counts, out=s0[1:])
+    np.cumsum(counts * centers, out=s1[1:])
+    s2 = float(np.dot(counts, centers * centers))
+    first = (_ODD[None, :] * cands[:, None] + 126) // 254  # (candidates, 127): b_k, all <= n
+    step = cands * (width / 127.0)
+    err = s2 + step * (
+        step * (127.0**2 * s0[n] - s0[first] @ _ODD.astype(np.float64)) - 2.0 * (127.0 * s1[n] - s1[first].sum(1))
+    )
     # the first candidate at the minimum; equal errors differ by rounding, so a margin relative
     # to the error itself (squared data units: an absolute one would tie everything on tiny data)
     best = np.flatnonzero(err <= err.min() + 1e-12 * abs(err.min()))[0]
@@ -244,28 +271,47 @@ def _entropy(counts: np.ndarray, width: float) -> float:
     # Exact zeros (ReLU outputs) are exact under every scale, but a spike in bin 0 dominates the
     # KL and drags the threshold down (to ~2 sigma on relu(N(0,1))). Like pytorch-quantization,
     # let bin 0 count as its neighbour so the zeros do not vote.
-    c = counts.astype(np.float64).copy()
+    c = counts.astype(np.float64)  # a copy
     c[0] = c[1]
     cands = _candidates(n, _QUANT_LEVELS)
-    zero = np.zeros(1)
-    mass = np.concatenate([zero, np.cumsum(c)])  # mass[j]: sum of c below bin j
-    filled = np.concatenate([zero, np.cumsum(c > 0)])
-    clogc = np.concatenate([zero, np.cumsum(c * np.log(np.where(c > 0, c, 1.0)))])
+    mass = np.zeros(n + 1)  # mass[j]: sum of c below bin j
+    filled = np.zeros(n + 1)
+    clogc = np.zeros(n + 1)
+    np.cumsum(c, out=mass[1:])
+    np.cumsum(c > 0, out=filled[1:])
+    np.cumsum(c * np.log(np.where(c > 0, c, 1.0)), out=clogc[1:])
     total = mass[-1]
-    bounds = (np.arange(_QUANT_LEVELS + 1)[None, :] * cands[:, None] + _QUANT_LEVELS - 1) // _QUANT_LEVELS
-    s = np.diff(mass[bounds], axis=1)  # (thresholds, 128) chunk masses
-    nk = np.diff(filled[bounds], axis=1).astype(np.intp)
+    # candidates in blocks: (block, 128) temporaries stay small enough for the allocator to reuse
+    # (fresh ones of every candidate cost more in page faults than the arithmetic on them)
+    per_chunk = np.empty(cands.size)
+    s_last = np.empty(cands.size)
+    nk_last = np.empty(cands.size)
+    levels = np.arange(_QUANT_LEVELS + 1)[None, :]
+    s_buf, nk_buf = np.empty((_BLOCK, _QUANT_LEVELS)), np.empty((_BLOCK, _QUANT_LEVELS))
+    for lo in range(0, cands.size, _BLOCK):
+        block = cands[lo : lo + _BLOCK]
+        s, nk = s_buf[: block.size], nk_buf[: block.size]
+        bounds = (levels * block[:, None] + _QUANT_LEVELS - 1) >> 7  # // 128
+        edges = mass[bounds]
+        np.subtract(edges[:, 1:], edges[:, :-1], out=s)  # chunk masses S_k
+        np.take(filled, bounds, out=edges)
+        np.subtract(edges[:, 1:], edges[:, :-1], out=nk)  # non-empty bins N_k
+        s_last[lo : lo + _BLOCK], nk_last[lo : lo + _BLOCK] = s[:, -1], nk[:, -1]
+        d = edges[:, 1:]
+        np.copyto(d, s)
+        d[:, -1] -= c[block - 1]  # the chunk masses without bin i - 1 (always in the last chunk)
+        # sum over chunks of d log(N_k / S_k); d > 0 implies S_k > 0 and N_k >= 1 (d = 0 adds 0)
+        np.maximum(nk, 1.0, out=nk)
+        np.maximum(s, 1e-300, out=s)
+        np.divide(nk, s, out=nk)
+        np.log(nk, out=nk)
+        np.multiply(nk, d, out=nk).sum(1, out=per_chunk[lo : lo + _BLOCK])
     last = c[cands - 1]
-    d = s.copy()
-    d[:, -1] -= last  # the chunk masses without bin i - 1 (always in the last chunk)
     below = mass[cands]
     safe_below = np.where(below > 0, below, 1.0)
-    # sum over chunks of d (log N_k - log S_k); d > 0 implies S_k > 0 and N_k >= 1 (a table of logs)
-    log_n = np.log(np.maximum(np.arange(n + 1), 1))
-    per_chunk = (d * (log_n[nk] - np.log(np.maximum(s, 1e-300)))).sum(1)
     kl = (clogc[cands - 1] - (math.log(total) - np.log(safe_below)) * mass[cands - 1] + per_chunk) / total
     p_last = (last + total - below) / total
-    q_last = np.where(last > 0, s[:, -1] / (np.maximum(nk[:, -1], 1) * safe_below), 1e-12)
+    q_last = np.where(last > 0, s_last / (np.maximum(nk_last, 1) * safe_below), 1e-12)
     kl += np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0) / q_last), 0.0)
     kl = np.where(below > 0, kl, np.inf)  # no mass below the threshold: no Q
     if not np.isfinite(kl).any():

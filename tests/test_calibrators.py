@@ -348,18 +348,31 @@ def test_entropy_closed_form_matches_the_definition():
 
 
 def test_numpy_and_torch_inputs_give_the_same_histogram():
-    """onnxruntime's outputs (numpy, binned by numpy when small) and torch tensors fill the same
-    bins, subnormal-scale data included."""
+    """onnxruntime's outputs (numpy, binned by numpy in chunks) and torch tensors fill the same
+    bins, subnormal-scale data and arrays of several chunks included."""
+    from qgraph.calibrators import _CHUNK
+
     rng = np.random.default_rng(0)
     for t in range(100):
         scale = float(rng.choice([1e-39, 1e-3, 1.0, 1e3]))
-        parts = [(rng.standard_normal(int(rng.integers(1, 5000))) * scale).astype(np.float32) for _ in range(3)]
+        sizes = rng.integers(1, 5000, 3) if t % 10 else rng.integers(_CHUNK - 1, 3 * _CHUNK + 2, 3)
+        parts = [(rng.standard_normal(int(n)) * scale).astype(np.float32) for n in sizes]
         a, b = AbsHistogram(64), AbsHistogram(64)
         for p in parts:
             a.update(p)
             b.update(torch.from_numpy(p))
         assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax), t
         assert torch.equal(a.counts, b.counts), t
+
+
+def test_float16_numpy_arrays_are_binned_as_float32():
+    """A float16 model's onnxruntime outputs (numpy float16) give the bins of their float32 values."""
+    x = (np.random.default_rng(0).standard_normal(150_000) * 30).astype(np.float16)
+    a, b = AbsHistogram(256), AbsHistogram(256)
+    a.update(x)
+    b.update(torch.from_numpy(x.astype(np.float32)))
+    assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax)
+    assert torch.equal(a.counts, b.counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
