@@ -76,13 +76,16 @@ class AbsHistogram:
     def update(self, x: torch.Tensor | np.ndarray) -> None:
         """Add the values of ``x`` (a tensor or numpy array, any shape). NaN/Inf raise QGraphError.
 
-        numpy arrays of up to 4 M values (onnxruntime's outputs) are counted with numpy, larger
-        data and tensors with torch (multi-threaded); both compute the same bins.
+        float32 and float16 numpy arrays of up to 4 M values (onnxruntime's outputs) are counted
+        with numpy, other and larger data and tensors with torch (multi-threaded); both compute the
+        same bins.
         """
         if not self.track_counts:
             self._update_max(x.detach() if isinstance(x, torch.Tensor) else x)
             return
-        if isinstance(x, np.ndarray) and x.size <= _NUMPY_LIMIT and x.dtype != np.float64:
+        # float32/float16 only: |x| of a signed integer minimum wraps in its own type, and integers
+        # above 2^24 round up in float32 past the last bin; the torch path widens first
+        if isinstance(x, np.ndarray) and x.size <= _NUMPY_LIMIT and x.dtype in (np.float32, np.float16):
             self._update_numpy(x.reshape(-1))
             return
         x = (x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).reshape(-1)

@@ -375,6 +375,18 @@ def test_float16_numpy_arrays_are_binned_as_float32():
     assert torch.equal(a.counts, b.counts)
 
 
+@pytest.mark.parametrize(
+    "values", [np.array([-128, 5, 3], np.int8), np.array([-32768, 7], np.int16), np.array([2**25 - 1, 3], np.int32)]
+)
+def test_integer_numpy_arrays_are_binned_as_float32(values):
+    """Integer arrays: |x| of a signed minimum does not wrap, and values past 2^24 stay in range."""
+    a, b = AbsHistogram(2048), AbsHistogram(2048)
+    a.update(values)
+    b.update(torch.from_numpy(values.astype(np.float32)))
+    assert (a.width, a.total, a.amax) == (b.width, b.total, b.amax)
+    assert torch.equal(a.counts, b.counts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_tensors_are_binned_as_float32(dtype):
     """float16/bfloat16 activations (half models, either door) give the bins of their float32 values."""
