@@ -57,6 +57,8 @@ QUANTIZED_OPS = frozenset({
 #: Beyond this many bytes of weights a model goes to onnxruntime as a file with external data
 #: (protobuf cannot hold 2 GB in one message).
 _INLINE_LIMIT = 1 << 30
+#: Up to this many bytes a model read from disk gets its shapes inferred before deserialisation.
+_INFER_PROTO_LIMIT = 64 << 20
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
@@ -82,6 +84,13 @@ def load_onnx_model(path: str | Path) -> ir.Model:
         onnx.checker.check_model(str(path) if external else proto)
     except Exception as exc:
         raise InputError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
+    # shapes inferred on the proto just read (one C++ call) rather than by onnx-ir's pass, which
+    # serialises the model again and deserialises the result; models holding big weights inline
+    # take the pass (it strips the weights before the copy) once the graph is normalised
+    inferred = proto.ByteSize() <= _INFER_PROTO_LIMIT
+    if inferred:
+        with contextlib.suppress(Exception):  # shapes are a help, not a must (custom ops have none)
+            proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     del proto
@@ -110,8 +119,9 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     if not weights:
         raise InputError(f"{path}: model has no float weights: nothing to quantize")
     _load_external_data(model)
-    with contextlib.suppress(Exception):  # shapes are a help, not a must (custom ops have none)
-        common.ShapeInferencePass()(model)
+    if not inferred:
+        with contextlib.suppress(Exception):
+            common.ShapeInferencePass()(model)
     _fold_weight_transposes(model)
     return model
 

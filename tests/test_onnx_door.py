@@ -136,6 +136,23 @@ def test_passes_on_onnx_are_idempotent_and_verified():
     assert serialize(m) == before
 
 
+@pytest.mark.parametrize("name", ["rescnn", "transformer"])
+def test_shapes_inferred_on_the_proto_equal_the_onnx_ir_pass(name, monkeypatch):
+    """Small models get their shapes inferred on the proto as read, big inline ones (the limit
+    lowered to 0 here) by onnx-ir's pass after normalisation: the same shapes and dtypes."""
+    import qgraph.onnx_graph as og
+
+    def shapes(model) -> dict:  # noqa: ANN001
+        values = [v for n in model.graph for v in n.outputs] + list(model.graph.inputs)
+        return {v.name: (v.dtype, None if v.shape is None else tuple(str(d) for d in v.shape)) for v in values}
+
+    from_proto = shapes(og.load_onnx_model(exported(name)))
+    monkeypatch.setattr(og, "_INFER_PROTO_LIMIT", 0)
+    from_pass = shapes(og.load_onnx_model(exported(name)))
+    assert from_proto == from_pass
+    assert sum(shape is not None for _, shape in from_proto.values()) == len(from_proto)
+
+
 def test_torch_only_passes_refuse_onnx_models():
     m = load_onnx_model(exported("transformer"))
     with pytest.raises(PreconditionError, match="insert-fake-quant runs on torch graphs only"):
