@@ -422,6 +422,15 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
         view = ChannelView(x, ctx.axis, s.dim() > 0)
         grad_x = kernel(_fmt_ste, x.numel())(view.of(grad), view.x, view.param(s), lo, hi)
         return (view.back(grad_x),) + (None,) * 6
+    if not ctx.needs_input_grad[1] and ctx.axis % x.dim() == x.dim() - 1 and x.shape[-1] % ctx.block_size == 0:
+        # whole blocks on the last axis (NVFP4/MX weights), the forward's (rows, blocks, block_size)
+        # layout: the scales broadcast per block, not expanded to x's size
+        order = rows_order(x)
+        xm = permute(x, order)
+        blocks = xm.reshape(-1, x.shape[-1] // ctx.block_size, ctx.block_size)
+        sm = permute(s.expand(*x.shape[:-1], s.shape[-1]), order).reshape(blocks.shape[0], -1, 1)
+        grad_x = kernel(_block_ste, x.numel())(permute(grad, order).reshape(blocks.shape), blocks, sm, lo, hi)
+        return (unpermute(grad_x.reshape(xm.shape), order),) + (None,) * 6
     s = expand(s, x, ctx.axis, ctx.block_size)
     v = x.to(torch.float32) / s
     inside = (v >= lo) & (v <= hi)
@@ -440,6 +449,12 @@ def _fmt_ste(grad: Tensor, x: Tensor, s: Tensor, lo: float, hi: float) -> Tensor
     """``grad`` where ``lo <= x / s <= hi``, 0 elsewhere."""
     v = x.to(torch.float32) / s
     return (grad * ((v >= lo) & (v <= hi))).to(grad.dtype)
+
+
+def _block_ste(grad: Tensor, x: Tensor, s: Tensor, lo: float, hi: float) -> Tensor:
+    """:func:`_fmt_ste` on (rows, blocks, block_size) blocks: a kernel of its own, so its layout
+    does not count towards the recompile limit of the per-channel one."""
+    return _fmt_ste(grad, x, s, lo, hi)
 
 
 def dynamic_scales(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:

@@ -205,3 +205,34 @@ def test_double_backward_keeps_its_graph_with_compiled_kernels(compiled):
     (g2,) = torch.autograd.grad((fq(x2) ** 2).sum(), x2, create_graph=True)
     (gg2,) = torch.autograd.grad(g2.sum(), x2)
     assert _same(g, g2) and _same(gg, gg2)
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+@pytest.mark.parametrize("element, block", [("int4", 128), ("fp4_e2m1", 16)])
+@pytest.mark.parametrize("layout", ["contiguous", "column-major", "leading axes swapped"])
+def test_blocked_ste_gradient_is_the_clipping_mask(element, block, layout, kernels):
+    """Blocks on the last axis: the straight-through gradient passes exactly where ``x / s`` lies
+    in the element's range (s expanded to x's size here, broadcast per block in the kernel),
+    whatever x's memory layout."""
+    previous = qops.use_compiled_kernels(kernels == "compiled")
+    try:
+        x = _data((4, 64, 512), 1.0, 6)
+        if layout == "column-major":
+            x = x.transpose(0, 2).contiguous().transpose(0, 2)
+        elif layout == "leading axes swapped":  # attention's q.transpose(1, 2)
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        amax = x.abs().nan_to_num(0.0, 1.0, 1.0).reshape(4, 64, -1, block).amax(-1)
+        scale = (amax / 8).clamp_min(1e-6)  # small on purpose: a good share saturates
+        x = x.detach().requires_grad_(True)
+        y = torch.ops.qgraph.fake_quant_fmt(x, scale, torch.tensor(1.0), 2, block, element, "float32")
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        y.backward(grad)
+    finally:
+        qops.use_compiled_kernels(previous)
+    elem = fmt.element(element)
+    lo, hi = (elem.qmin - 0.5, elem.qmax + 0.5) if elem.kind == "int" else (elem.qmin, elem.qmax)
+    v = x.detach() / qops.expand(scale, x, 2, block)
+    expected = grad * ((v >= lo) & (v <= hi))
+    assert x.grad.shape == x.shape
+    assert _same(x.grad, expected)
+    assert 0 < int((x.grad == 0).sum()) < x.numel() // 2
