@@ -300,10 +300,11 @@ def nvfp4_scales(
     x: Tensor, global_amax: Tensor | None = None, axis: int = -1, block_size: int = 16
 ) -> tuple[Tensor, Tensor]:
     """(E4M3 block scales as float32 values, FP32 global scale); see :func:`qgraph.formats.nvfp4_scales`."""
-    x = x.detach().to(torch.float32)
-    amax = x.abs().max() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
+    blocks = block_amax(x.detach().to(torch.float32), axis, block_size)
+    # the tensor's amax is the largest block amax: one |x| pass, not two (QAT refreshes every step)
+    amax = blocks.max() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
     s_g = nvfp4_global_scale(amax)
-    return _nvfp4_block_scale(block_amax(x, axis, block_size), s_g), s_g
+    return _nvfp4_block_scale(blocks, s_g), s_g
 
 
 def _mx_scale(block_amax_: Tensor, elem: Element) -> Tensor:
