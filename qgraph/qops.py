@@ -99,8 +99,8 @@ def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled
     Callers hand a kernel one layout per format (:class:`ChannelView`, blocks as (rows, blocks,
     size)), so each compiles a handful of times, not once per tensor shape and stride.
     """
-    if not _compiled_kernels or numel < COMPILED_MIN_NUMEL:
-        return fn
+    if not _compiled_kernels or numel < COMPILED_MIN_NUMEL or torch.compiler.is_compiling():
+        return fn  # inside a graph torch.compile traces, the raw body: inductor fuses it there
     compiled = _COMPILED.get(fn)
     if compiled is None:
         # not fullgraph: past dynamo's recompile limit a new layout runs eagerly instead of failing
@@ -117,6 +117,23 @@ def kernel(fn, numel: int):  # noqa: ANN001, ANN201 - returns fn or its compiled
 
         _COMPILED[fn] = compiled
     return compiled
+
+
+def traceable_twin(name: str, impl, setup_context, backward):  # noqa: ANN001, ANN201
+    """An ``autograd.Function`` computing what a custom op computes, with its autograd formula.
+
+    Custom ops are opaque to ``torch.compile``: in a compiled training graph each quantizer would
+    stay a call of its own, with its passes over memory. While torch.compile traces a graph,
+    :class:`qgraph.quant.FakeQuant` calls these twins instead, whose bodies are the same torch
+    ops, so inductor fuses each quantizer into the ops around it, forward and backward.
+    ``torch.export`` keeps the custom ops (one node per quantizer, what the backends lower).
+    """
+    twin = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+    return twin.apply
 
 
 def memory_order(x: Tensor) -> tuple[int, ...] | None:
@@ -521,3 +538,8 @@ def _dynamic_backward(ctx, grad):  # noqa: ANN001
 
 
 fake_quant_dynamic.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)
+
+fake_quant_fmt_traceable = traceable_twin("FakeQuantFmt", fake_quant_fmt._init_fn, _fmt_setup, _ste_backward)
+fake_quant_dynamic_traceable = traceable_twin(
+    "FakeQuantDynamic", fake_quant_dynamic._init_fn, _dynamic_setup, _dynamic_backward
+)

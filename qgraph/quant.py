@@ -190,6 +190,30 @@ def _backward(ctx, grad):  # noqa: ANN001
 fake_quant.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fake_quant_traced(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, qmin: int, qmax: int) -> Tensor:
+    """``fake_quant`` without its branch on the zero-point's values (torch.compile would break
+    the graph there): the affine formula, which with a zero-point of 0 gives the same values
+    (an exact -0 comes out +0)."""
+    view = qops.ChannelView(x, axis, scale.dim() > 0)
+    s, z = view.param(scale.to(torch.float32)), view.param(zero_point.to(torch.float32))
+    return view.back(_affine_forward(view.x, s, z, qmin, qmax))
+
+
+_TRACEABLE = {
+    "fake_quant": qops.traceable_twin("FakeQuantInt", _fake_quant_traced, _setup_context, _backward),
+    "fake_quant_fmt": qops.fake_quant_fmt_traceable,
+    "fake_quant_dynamic": qops.fake_quant_dynamic_traceable,
+}
+
+
+def _op(name: str):  # noqa: ANN202
+    """A quantizer op: the custom op (eager runs, torch.export), or its autograd.Function twin
+    while torch.compile traces a graph (see :func:`qgraph.qops.traceable_twin`)."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _TRACEABLE[name]
+    return getattr(torch.ops.qgraph, name)
+
+
 class FakeQuant(torch.nn.Module):
     """A quantizer on one graph edge: holds the spec and its scales (buffers; a learned scale is a
     parameter).
@@ -353,14 +377,10 @@ class FakeQuant(torch.nn.Module):
             if torch.is_grad_enabled():
                 scale = _GradScale.apply(scale, (x.numel() / scale.numel() * spec.qmax) ** -0.5)
         if spec.is_int8:
-            return torch.ops.qgraph.fake_quant(x, scale, self.zero_point, axis, spec.qmin, spec.qmax)
+            return _op("fake_quant")(x, scale, self.zero_point, axis, spec.qmin, spec.qmax)
         if spec.dynamic:
-            return torch.ops.qgraph.fake_quant_dynamic(
-                x, global_scale, spec.block_size, spec.dtype, spec.scale_type
-            )
-        return torch.ops.qgraph.fake_quant_fmt(
-            x, scale, global_scale, axis, spec.block_size or 0, spec.dtype, spec.scale_type
-        )
+            return _op("fake_quant_dynamic")(x, global_scale, spec.block_size, spec.dtype, spec.scale_type)
+        return _op("fake_quant_fmt")(x, scale, global_scale, axis, spec.block_size or 0, spec.dtype, spec.scale_type)
 
     def extra_repr(self) -> str:
         return self.spec.describe()

@@ -236,3 +236,22 @@ def test_blocked_ste_gradient_is_the_clipping_mask(element, block, layout, kerne
     assert x.grad.shape == x.shape
     assert _same(x.grad, expected)
     assert 0 < int((x.grad == 0).sum()) < x.numel() // 2
+
+
+def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as numbers (-0 equals 0), NaN equal to NaN."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_quantizer_traced_by_torch_compile_matches_the_custom_op(case):
+    """Under torch.compile (inductor) each quantizer is its autograd.Function twin, traced and
+    fused: the custom op's values (the int8 twin's affine formula turns an exact -0 into +0)
+    and bit-identical gradients."""
+    fq = CASES[case]()
+    shape = (512, 256) if fq.spec.role == "weight" and fq.scale.dim() and fq.scale.shape[0] == 512 else (256, 256)
+    x = _data(shape, float(fq.scale.reshape(-1)[0]) if fq.scale.numel() else 1.0)
+    y_eager, g_eager = _run(fq, x)
+    y_traced, g_traced = _run(torch.compile(fq), x)
+    assert _equal_values(y_traced, y_eager), case
+    assert _same(g_traced, g_eager), case

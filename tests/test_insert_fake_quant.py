@@ -4,6 +4,7 @@ activation scales, straight-through gradients — and lowered the same way after
 from __future__ import annotations
 
 import copy
+import shutil
 
 import onnx
 import pytest
@@ -159,8 +160,8 @@ def test_batchnorm_is_folded_before_qat_so_training_matches_the_deployed_model()
 
 def test_qat_graph_trains_under_autocast_and_torch_compile():
     """The QAT graph is an ordinary module: bf16 autocast (the quantizers compute in float32 and
-    hand back the input's type) and torch.compile (aot_eager: the custom ops' fake kernels and
-    autograd formulas) give the eager gradients."""
+    hand back the input's type) and torch.compile (aot_eager: the quantizers' autograd.Function
+    twins traced, the same arithmetic as the custom ops) give the eager gradients."""
     gm, data = _calibrated()
     InsertFakeQuant(learn_scales=True)(gm)
     gm.train()
@@ -180,6 +181,43 @@ def test_qat_graph_trains_under_autocast_and_torch_compile():
     torch.testing.assert_close(loss, eager, rtol=0, atol=0)
     for g, p in zip(grads, (p for p in gm.parameters() if p.requires_grad)):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize("recipe", ["int8", "nvfp4"])
+def test_inductor_fuses_the_quantizers_of_a_compiled_qat_graph(recipe):
+    """torch.compile (inductor) of a QAT graph traces the quantizers' autograd.Function twins
+    instead of calling the custom ops (which it cannot fuse): no qgraph op runs in a compiled
+    step, the outputs are the eager ones up to float rounding of the float ops (which can move
+    a value across a rounding boundary: a tolerance of a few quantization steps), and it trains."""
+    model, x = make("transformer")
+    gm = qgraph.capture(model, (x,))
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(2)]
+    Sequential([Annotate(tensorrt.RULES[recipe], fallback=True), InsertObservers("max"), Calibrate(data),
+                InsertFakeQuant()])(gm)
+    gm.train()
+    eager = gm(data[0]).detach()
+    compiled = torch.compile(gm)
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for step in range(4):
+        opt.zero_grad()
+        with torch.profiler.profile() as prof:
+            out = compiled(data[0])
+            loss = out.pow(2).mean()
+            loss.backward()
+        if step == 0:
+            assert (out.detach() - eager).abs().mean() <= 0.05 * eager.abs().mean()
+        ran = {e.name for e in prof.events()}
+        assert not any(name.startswith("qgraph::") for name in ran), sorted(n for n in ran if "qgraph" in n)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():  # eager again afterwards: the custom ops, as export and lowering see them
+        with torch.profiler.profile() as prof:
+            gm(data[0])
+    assert any(e.name.startswith("qgraph::fake_quant") for e in prof.events())
 
 
 def test_weight_only_plans_prepare_for_qat():
