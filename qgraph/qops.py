@@ -26,6 +26,10 @@ runs the forward and straight-through backward bodies through ``torch.compile`` 
 fuses each into one loop: 3–9× faster per quantizer, bit-identical results (tested), a few
 seconds of compilation the first time each kernel is used (cached on disk by inductor). Off by
 default: it needs a C++ compiler on CPU, and inference/export do not need the speed.
+
+A whole training graph compiled with ``torch.compile(gm)`` goes further: there the quantizers are
+:func:`traceable_twin` autograd Functions rather than custom ops, and inductor fuses each one
+with the ops around it (``torch.export`` still sees the custom ops).
 """
 
 from __future__ import annotations

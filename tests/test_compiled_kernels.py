@@ -252,6 +252,10 @@ def test_quantizer_traced_by_torch_compile_matches_the_custom_op(case):
     shape = (512, 256) if fq.spec.role == "weight" and fq.scale.dim() and fq.scale.shape[0] == 512 else (256, 256)
     x = _data(shape, float(fq.scale.reshape(-1)[0]) if fq.scale.numel() else 1.0)
     y_eager, g_eager = _run(fq, x)
-    y_traced, g_traced = _run(torch.compile(fq), x)
+    compiled = torch.compile(fq)
+    _run(compiled, x)  # compiles
+    with torch.profiler.profile() as prof:
+        y_traced, g_traced = _run(compiled, x)
+    assert not any(e.name.startswith("qgraph::") for e in prof.events()), "the twin is traced, not the op"
     assert _equal_values(y_traced, y_eager), case
     assert _same(g_traced, g_eager), case
