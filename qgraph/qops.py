@@ -381,8 +381,7 @@ def reduce_to_scale(grad: Tensor, scale: Tensor, axis: int, block_size: int) -> 
 # --- custom ops ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("qgraph::fake_quant_fmt", mutates_args=())
-def fake_quant_fmt(
+def _fake_quant_fmt(
     x: Tensor,
     scale: Tensor,
     global_scale: Tensor,
@@ -415,6 +414,9 @@ def fake_quant_fmt(
         view = ChannelView(x, axis, s.dim() > 0)
         out = view.back(kernel(_fmt_forward, x.numel())(view.x, view.param(s), elem))
     return in_layout_of(out, x)
+
+
+fake_quant_fmt = torch.library.custom_op("qgraph::fake_quant_fmt", mutates_args=())(_fake_quant_fmt)
 
 
 def _fmt_forward(x: Tensor, s: Tensor, elem: Element) -> Tensor:
@@ -487,8 +489,7 @@ def dynamic_scales(x: Tensor, global_scale: Tensor, block_size: int, elem: Eleme
     return _mx_scale(amax, elem)
 
 
-@torch.library.custom_op("qgraph::fake_quant_dynamic", mutates_args=())
-def fake_quant_dynamic(
+def _fake_quant_dynamic(
     x: Tensor, global_scale: Tensor, block_size: int, element: str, scale_type: str
 ) -> Tensor:
     """Quantize-dequantize with block scales computed from ``x`` itself, blocks on the last axis.
@@ -503,6 +504,9 @@ def fake_quant_dynamic(
     rows = xm.reshape(-1, x.shape[-1])
     out = kernel(_dynamic_forward, x.numel())(rows, global_scale, block_size, fmt.element(element), scale_type)
     return in_layout_of(unpermute(out.reshape(xm.shape), order), x)
+
+
+fake_quant_dynamic = torch.library.custom_op("qgraph::fake_quant_dynamic", mutates_args=())(_fake_quant_dynamic)
 
 
 def _dynamic_forward(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
@@ -543,7 +547,5 @@ def _dynamic_backward(ctx, grad):  # noqa: ANN001
 
 fake_quant_dynamic.register_autograd(_dynamic_backward, setup_context=_dynamic_setup)
 
-fake_quant_fmt_traceable = traceable_twin("FakeQuantFmt", fake_quant_fmt._init_fn, _fmt_setup, _ste_backward)
-fake_quant_dynamic_traceable = traceable_twin(
-    "FakeQuantDynamic", fake_quant_dynamic._init_fn, _dynamic_setup, _dynamic_backward
-)
+fake_quant_fmt_traceable = traceable_twin("FakeQuantFmt", _fake_quant_fmt, _fmt_setup, _ste_backward)
+fake_quant_dynamic_traceable = traceable_twin("FakeQuantDynamic", _fake_quant_dynamic, _dynamic_setup, _dynamic_backward)
