@@ -61,6 +61,7 @@ __all__ = [
     "kernel",
     "COMPILED_MIN_NUMEL",
     "ChannelView",
+    "BlockView",
     "memory_order",
     "permute",
     "unpermute",
@@ -198,6 +199,31 @@ def rows_order(x: Tensor) -> tuple[int, ...] | None:
     """:func:`memory_order` if it keeps the last axis last (blocks along it stay contiguous)."""
     order = memory_order(x)
     return order if order is not None and order[-1] == x.dim() - 1 else None
+
+
+class BlockView:
+    """``x`` as (rows, blocks, block_size) in its memory order, for a quantizer with whole blocks
+    on the last axis (:meth:`fits`) — the one layout a compiled blocked kernel sees — and its
+    block scale ``s`` (x's rank, blocks on the last axis) as (rows, blocks, 1): broadcast per
+    block, not expanded to x's size. :meth:`of` and :meth:`back` as in :class:`ChannelView`.
+    """
+
+    @staticmethod
+    def fits(x: Tensor, axis: int, block_size: int) -> bool:
+        return bool(block_size) and axis % x.dim() == x.dim() - 1 and x.shape[-1] % block_size == 0
+
+    def __init__(self, x: Tensor, s: Tensor, block_size: int) -> None:
+        self.order = rows_order(x)  # a view transposed in its leading axes: no copy
+        xm = permute(x, self.order)
+        self.shape = xm.shape
+        self.x = xm.reshape(-1, x.shape[-1] // block_size, block_size)
+        self.s = permute(s.expand(*x.shape[:-1], s.shape[-1]), self.order).reshape(self.x.shape[0], -1, 1)
+
+    def of(self, t: Tensor) -> Tensor:
+        return permute(t, self.order).reshape(self.x.shape)
+
+    def back(self, y: Tensor) -> Tensor:
+        return unpermute(y.reshape(self.shape), self.order)
 
 
 def in_layout_of(out: Tensor, x: Tensor) -> Tensor:
@@ -401,13 +427,9 @@ def _fake_quant_fmt(
     """
     elem = fmt.element(element)
     s = (scale * global_scale).to(torch.float32)
-    if block_size and axis % x.dim() == x.dim() - 1 and x.shape[-1] % block_size == 0:
-        # whole blocks on the last axis: (rows, blocks, block_size), no scale broadcast to x's size
-        order = rows_order(x)
-        xm, sm = permute(x, order), permute(s.expand(*x.shape[:-1], s.shape[-1]), order)
-        blocks = xm.reshape(-1, x.shape[-1] // block_size, block_size)
-        out = kernel(_fmt_forward, x.numel())(blocks, sm.reshape(blocks.shape[0], -1, 1), elem)
-        out = unpermute(out.reshape(xm.shape), order)
+    if BlockView.fits(x, axis, block_size):
+        view = BlockView(x, s, block_size)
+        out = view.back(kernel(_fmt_forward, x.numel())(view.x, view.s, elem))
     elif block_size:  # blocks on another axis or a partial tail block: weights, small
         out = _fmt_forward(x, expand(s, x, axis, block_size), elem)
     else:
@@ -446,15 +468,10 @@ def _ste_backward(ctx, grad):  # noqa: ANN001
         view = ChannelView(x, ctx.axis, s.dim() > 0)
         grad_x = kernel(_fmt_ste, x.numel())(view.of(grad), view.x, view.param(s), lo, hi)
         return (view.back(grad_x),) + (None,) * 6
-    if not ctx.needs_input_grad[1] and ctx.axis % x.dim() == x.dim() - 1 and x.shape[-1] % ctx.block_size == 0:
-        # whole blocks on the last axis (NVFP4/MX weights), the forward's (rows, blocks, block_size)
-        # layout: the scales broadcast per block, not expanded to x's size
-        order = rows_order(x)
-        xm = permute(x, order)
-        blocks = xm.reshape(-1, x.shape[-1] // ctx.block_size, ctx.block_size)
-        sm = permute(s.expand(*x.shape[:-1], s.shape[-1]), order).reshape(blocks.shape[0], -1, 1)
-        grad_x = kernel(_block_ste, x.numel())(permute(grad, order).reshape(blocks.shape), blocks, sm, lo, hi)
-        return (unpermute(grad_x.reshape(xm.shape), order),) + (None,) * 6
+    if not ctx.needs_input_grad[1] and BlockView.fits(x, ctx.axis, ctx.block_size):  # the forward's layout
+        view = BlockView(x, s, ctx.block_size)
+        grad_x = kernel(_block_ste, x.numel())(view.of(grad), view.x, view.s, lo, hi)
+        return (view.back(grad_x),) + (None,) * 6
     s = expand(s, x, ctx.axis, ctx.block_size)
     v = x.to(torch.float32) / s
     inside = (v >= lo) & (v <= hi)
