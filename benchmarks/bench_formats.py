@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from _host import cpu_name
 from qgraph import qops  # registers qgraph::fake_quant_fmt / fake_quant_dynamic
 from qgraph import quant  # noqa: F401 - registers qgraph::fake_quant
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "loadavg_1min": {"before": load_before, "after": load_after},
         "cuda": cuda_note or "timed",
@@ -346,16 +347,6 @@ def _loadavg() -> float | None:
     except OSError:
         return None
 
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or ``platform.processor()`` where that is unavailable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _host import cpu_name
 
 HERE = Path(__file__).resolve().parent
 QGRAPH = [f"qgraph trt {c}" for c in ("max", "percentile", "mse", "entropy")] + ["qgraph ort max"]
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         variant, src, calib, dst = args.one
         print(json.dumps(run_one(variant, Path(src), Path(calib), Path(dst))))
         return 0
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    results = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
                "onnxruntime": ort.__version__, "rounds": args.rounds, "models": {}}
     with tempfile.TemporaryDirectory(prefix="qgraph-bench-door-") as tmp:
         for name in args.models.split(","):

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 import qgraph
+from _host import cpu_name
 from qgraph import Sequential
 from qgraph.backends import _onnx, onnxruntime, tensorrt
 from qgraph.examples.zoo import randomize_batchnorm
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    results = {"machine": f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, 1 intra-op thread"}
+    results = {"machine": f"{cpu_name()}, onnxruntime {ort.__version__}, 1 intra-op thread"}
     cases = {
         "resnet32": lambda: resnet_case(32, args.rounds),
         "resnet224": lambda: resnet_case(224, max(5, args.rounds // 4)),

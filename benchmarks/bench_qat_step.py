@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import qgraph
+from _host import cpu_name
 from qgraph import Sequential, qops
 from qgraph.backends import tensorrt
 from qgraph.examples.zoo import make
@@ -155,6 +156,7 @@ def main() -> None:
                 "command": " ".join(sys.argv),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
+                "cpu": cpu_name(),
                 "threads": 1,
                 "rows": rows,
                 "step_seconds": raw,
