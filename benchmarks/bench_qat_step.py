@@ -5,7 +5,9 @@ FP32, once prepared for QAT (``fold-batchnorm → annotate(recipe, fallback) →
 calibrate → insert-fake-quant``: weights track their scales, activation scales frozen). Both graphs
 train with the same optimizer (AdamW) on the same batch; one *step* is zero_grad + forward + loss +
 backward + optimizer step. After ``--warmup`` untimed steps, ``--steps`` steps are timed one by one
-with ``time.perf_counter``; the median is reported, and the QAT/FP32 ratio of the medians.
+with ``time.perf_counter``, **interleaved** with steps of the FP32 graph (one of each, in turn), so
+that load changes on a shared host hit both alike; each row reports its median and the ratio of
+its median to the median of the FP32 steps it was interleaved with.
 Each QAT graph is timed twice: with the eager quantizer kernels (the default) and with
 ``qgraph.qops.use_compiled_kernels()`` (each quantizer's forward and backward fused by
 ``torch.compile``; the first warm-up step compiles, and its time is reported apart). Then both
@@ -71,19 +73,30 @@ def _models():
     return out
 
 
-def _time_steps(gm: torch.nn.Module, batch: torch.Tensor, loss_fn, warmup: int, steps: int) -> list[float]:
+def _stepper(gm: torch.nn.Module, batch: torch.Tensor, loss_fn):
+    """A function running one training step of ``gm`` (its own AdamW) and returning its seconds."""
     gm.train()
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(warmup + steps):
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(gm(batch))
-        loss.backward()
+        loss_fn(gm(batch)).backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return step
+
+
+def _time_interleaved(graphs: list, batch: torch.Tensor, loss_fn, warmup: int, steps: int) -> list[list[float]]:
+    """Step times of each graph, one step of each in turn (``warmup`` rounds untimed)."""
+    steppers = [_stepper(g, batch, loss_fn) for g in graphs]
+    times: list[list[float]] = [[] for _ in graphs]
+    for i in range(warmup + steps):
+        for stepper, samples in zip(steppers, times):
+            t = stepper()
+            if i >= warmup:
+                samples.append(t)
     return times
 
 
@@ -110,17 +123,15 @@ def main() -> None:
     for name, model, batch, loss_fn in _models():
         fp32 = qgraph.capture(model, (batch[:4],))
         FoldBatchNorm()(fp32)  # the same folded graph QAT trains
-        base = _time_steps(fp32, batch, loss_fn, args.warmup, args.steps)
-        raw[f"{name}/fp32"] = base
-        base_ms = 1e3 * statistics.median(base)
-        rows.append((name, "fp32", base_ms, 1.0))
         compiled_fp32 = torch.compile(fp32)
         start = time.perf_counter()
-        _time_steps(compiled_fp32, batch, loss_fn, 1, 0)
-        raw[f"{name}/fp32/graph compiled"] = {"first_step": time.perf_counter() - start}
-        graph_base = _time_steps(compiled_fp32, batch, loss_fn, args.warmup, args.steps)
-        raw[f"{name}/fp32/graph compiled"]["steps"] = graph_base
-        graph_base_ms = 1e3 * statistics.median(graph_base)
+        _stepper(compiled_fp32, batch, loss_fn)()  # compiles
+        first = time.perf_counter() - start
+        base, graph_base = _time_interleaved([fp32, compiled_fp32], batch, loss_fn, args.warmup, args.steps)
+        raw[f"{name}/fp32"] = base
+        raw[f"{name}/fp32/graph compiled"] = {"first_step": first, "steps": graph_base}
+        base_ms, graph_base_ms = 1e3 * statistics.median(base), 1e3 * statistics.median(graph_base)
+        rows.append((name, "fp32", base_ms, 1.0))
         rows.append((name, "fp32 (graph compiled)", graph_base_ms, graph_base_ms / base_ms))
         for recipe in args.recipes.split(","):
             try:
@@ -132,22 +143,22 @@ def main() -> None:
             for kernels in ("eager", "compiled", "graph"):
                 previous = qops.use_compiled_kernels(kernels == "compiled")
                 graph = torch.compile(qat) if kernels == "graph" else qat
-                reference_ms = graph_base_ms if kernels == "graph" else base_ms
+                reference = compiled_fp32 if kernels == "graph" else fp32
                 try:
                     start = time.perf_counter()
-                    _time_steps(graph, batch, loss_fn, 1, 0)  # compiles, when compiled
+                    _stepper(graph, batch, loss_fn)()  # compiles, when compiled
                     first = time.perf_counter() - start
-                    times = _time_steps(graph, batch, loss_fn, args.warmup, args.steps)
+                    ref_times, times = _time_interleaved([reference, graph], batch, loss_fn, args.warmup, args.steps)
                 finally:
                     qops.use_compiled_kernels(previous)
-                raw[f"{name}/{recipe}/{kernels}"] = {"first_step": first, "steps": times}
-                ms = 1e3 * statistics.median(times)
+                raw[f"{name}/{recipe}/{kernels}"] = {"first_step": first, "steps": times, "reference_steps": ref_times}
+                ms, ref_ms = 1e3 * statistics.median(times), 1e3 * statistics.median(ref_times)
                 label = "graph compiled" if kernels == "graph" else f"{kernels} kernels"
-                rows.append((name, f"{recipe} ({label})", ms, ms / reference_ms))
-                print(f"{name} {recipe} {label}: {ms:.1f} ms ({ms / reference_ms:.2f}x fp32"
-                      f"{' graph compiled' if kernels == 'graph' else ''}; {ms / base_ms:.2f}x eager fp32), "
+                rows.append((name, f"{recipe} ({label})", ms, ms / ref_ms))
+                print(f"{name} {recipe} {label}: {ms:.1f} ms, {ms / ref_ms:.2f}x the interleaved fp32"
+                      f"{' graph compiled' if kernels == 'graph' else ''} step ({ref_ms:.1f} ms), "
                       f"first step {first:.1f} s", flush=True)
-    print("\n| model | graph | step ms (median) | × FP32 (graph compiled rows: × FP32 graph compiled) |\n|---|---|---|---|")
+    print("\n| model | graph | step ms (median) | × the interleaved FP32 step (graph compiled rows: FP32 graph compiled) |\n|---|---|---|---|")
     for name, graph, ms, ratio in rows:
         print(f"| {name} | {graph} | {ms:.1f} | {ratio:.2f} |")
     Path(args.out).write_text(
