@@ -100,6 +100,13 @@ def _time_interleaved(graphs: list, batch: torch.Tensor, loss_fn, warmup: int, s
     return times
 
 
+def _paired(times: list[float], ref_times: list[float]) -> str:
+    """Median and 10th-90th percentile of the ratios of interleaved steps, step by step."""
+    ratios = sorted(t / r for t, r in zip(times, ref_times))
+    at = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    return f"{statistics.median(ratios):.2f} [{at(0.1):.2f}–{at(0.9):.2f}]"
+
+
 def _qat_graph(model, batch, recipe: str):
     gm = qgraph.capture(model, (batch[:4],))
     rules = tensorrt.RULES[recipe]
@@ -131,13 +138,13 @@ def main() -> None:
         raw[f"{name}/fp32"] = base
         raw[f"{name}/fp32/graph compiled"] = {"first_step": first, "steps": graph_base}
         base_ms, graph_base_ms = 1e3 * statistics.median(base), 1e3 * statistics.median(graph_base)
-        rows.append((name, "fp32", base_ms, 1.0))
-        rows.append((name, "fp32 (graph compiled)", graph_base_ms, graph_base_ms / base_ms))
+        rows.append((name, "fp32", base_ms, 1.0, ""))
+        rows.append((name, "fp32 (graph compiled)", graph_base_ms, graph_base_ms / base_ms, _paired(graph_base, base)))
         for recipe in args.recipes.split(","):
             try:
                 qat = _qat_graph(model, batch, recipe)
             except qgraph.QGraphError as exc:
-                rows.append((name, recipe, float("nan"), float("nan")))
+                rows.append((name, recipe, float("nan"), float("nan"), ""))
                 print(f"{name} {recipe}: {exc}")
                 continue
             for kernels in ("eager", "compiled", "graph"):
@@ -154,13 +161,13 @@ def main() -> None:
                 raw[f"{name}/{recipe}/{kernels}"] = {"first_step": first, "steps": times, "reference_steps": ref_times}
                 ms, ref_ms = 1e3 * statistics.median(times), 1e3 * statistics.median(ref_times)
                 label = "graph compiled" if kernels == "graph" else f"{kernels} kernels"
-                rows.append((name, f"{recipe} ({label})", ms, ms / ref_ms))
+                rows.append((name, f"{recipe} ({label})", ms, ms / ref_ms, _paired(times, ref_times)))
                 print(f"{name} {recipe} {label}: {ms:.1f} ms, {ms / ref_ms:.2f}x the interleaved fp32"
                       f"{' graph compiled' if kernels == 'graph' else ''} step ({ref_ms:.1f} ms), "
                       f"first step {first:.1f} s", flush=True)
-    print("\n| model | graph | step ms (median) | × the interleaved FP32 step (graph compiled rows: FP32 graph compiled) |\n|---|---|---|---|")
-    for name, graph, ms, ratio in rows:
-        print(f"| {name} | {graph} | {ms:.1f} | {ratio:.2f} |")
+    print("\n| model | graph | step ms (median) | × the interleaved FP32 step (graph compiled rows: FP32 graph compiled) | step-by-step ratio: median [10th–90th percentile] |\n|---|---|---|---|---|")
+    for name, graph, ms, ratio, paired in rows:
+        print(f"| {name} | {graph} | {ms:.1f} | {ratio:.2f} | {paired} |")
     Path(args.out).write_text(
         json.dumps(
             {
