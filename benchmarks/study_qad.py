@@ -22,9 +22,10 @@ the PTQ KL is split into what the weights and what the activations cost (the oth
 quantizers removed from the graph).
 
 ``--ablation`` runs QAD variants on the LM instead (NVFP4 from one calibrated start): the plain
-recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); QAD of a
-student whose weights or whose activations alone are quantized — which part of the gap
-distillation recovers; and INT4 weight-only (w4a16) with 4× the tokens.
+recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); 4× the
+steps (the same 4× tokens, four times the optimizer updates); QAD of a student whose weights or
+whose activations alone are quantized — which part of the gap distillation recovers; and INT4
+weight-only (w4a16) with 4× the tokens. ``--variant LABEL`` (repeatable) runs only those.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -37,7 +38,7 @@ Usage::
 
     .venv/bin/python benchmarks/study_qad.py --sensitivity
     .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,w4a16,int8] [--steps 400] [--lr 1e-4]
-    .venv/bin/python benchmarks/study_qad.py --ablation
+    .venv/bin/python benchmarks/study_qad.py --ablation [--variant QAD --variant "QAD, 4x the steps"]
 
 Writes ``benchmarks/results_qad.json`` (``results_qad_ablation.json``) and prints markdown tables.
 ``torch.set_num_threads(2)``.
@@ -209,25 +210,32 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
     return rows
 
 
-def ablation(steps: int, lr: float) -> list[dict]:
-    """QAD variants on the LM, each from its recipe's calibrated start (see the module docstring)."""
+def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]:
+    """QAD variants on the LM, each from its recipe's calibrated start (see the module docstring);
+    ``only``: the labels of the variants to run (all when None)."""
     import tinylm
 
-    model = tinylm.teacher()
+    taps = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
+    variants = [  # (recipe, label, quantizers removed, taps, batch, steps multiplier)
+        ("nvfp4", "QAD", None, {}, 16, 1),
+        ("nvfp4", "QAD + MSE taps on the block outputs", None, taps, 16, 1),
+        ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
+        ("nvfp4", "QAD, 4x the steps", None, {}, 16, 4),
+        ("nvfp4", "QAD, weights only quantized", "activation", {}, 16, 1),
+        ("nvfp4", "QAD, activations only quantized", "weight", {}, 16, 1),
+        ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
+    ]
+    if only:
+        unknown = set(only) - {v[1] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown ablation variant(s): {', '.join(sorted(unknown))}")
+        variants = [v for v in variants if v[1] in only]
+    model = tinylm.teacher()  # trains it (about 10 minutes) unless cached
     calib = tinylm.calibration_batches(8, 32)
     log_t = tinylm.teacher_log_probs(model)
     teacher = qgraph.capture(model, (calib[0][:4],))
-    taps = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
-    variants = [  # (recipe, label, quantizers removed, taps, batch)
-        ("nvfp4", "QAD", None, {}, 16),
-        ("nvfp4", "QAD + MSE taps on the block outputs", None, taps, 16),
-        ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64),
-        ("nvfp4", "QAD, weights only quantized", "activation", {}, 16),
-        ("nvfp4", "QAD, activations only quantized", "weight", {}, 16),
-        ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64),
-    ]
     starts, rows = {}, []
-    for recipe, label, removed, taps_, batch in variants:
+    for recipe, label, removed, taps_, batch, times in variants:
         if recipe not in starts:
             starts[recipe] = _calibrated(model, calib[0][:4], recipe, calib)
         base = starts[recipe]
@@ -241,10 +249,10 @@ def ablation(steps: int, lr: float) -> list[dict]:
         InsertDistillTaps(teacher, taps=taps_, temperature=1.0)(student)
         t0 = time.perf_counter()
         history = _finetune(student, tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
-                            lambda out, y: out[1], steps, lr, f"{recipe} {label}")
+                            lambda out, y: out[1], steps * times, lr, f"{recipe} {label}")
         after = tinylm.score(student, log_t)
         closed = (before["kl"] - after["kl"]) / before["kl"]
-        rows.append({"recipe": recipe, "variant": label, "steps": steps, "batch": batch, "lr": lr,
+        rows.append({"recipe": recipe, "variant": label, "steps": steps * times, "batch": batch, "lr": lr,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
@@ -472,6 +480,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ablation", action="store_true", help="NVFP4 QAD variants on the LM")
+    parser.add_argument("--variant", action="append", help="with --ablation: run only this variant (repeatable)")
     parser.add_argument("--sensitivity", action="store_true", help="where NVFP4 PTQ's KL comes from")
     parser.add_argument("--eager-kernels", action="store_true", help="do not compile the quantizer kernels")
     parser.add_argument("--out", default=None)
@@ -489,7 +498,7 @@ def main() -> None:
             share = f"{100 * r['kl_share']:.0f} %" if "kl_share" in r else ""
             print(f"| {r['variant']} | {r['kl']:.4f} | {share} | {r['ce']:.4f} |")
     elif args.ablation:
-        rows = ablation(args.steps, args.lr)
+        rows = ablation(args.steps, args.lr, args.variant)
         print("\n| recipe | variant | KL before | KL after | KL gap closed | val CE before → after |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['recipe']} | {r['variant']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} "
