@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -328,7 +329,10 @@ def test_lower_each_recipe(model_file, calib_file, tmp_path, capsys, precision):
     assert main(["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--precision", precision]) == 0
     printed = capsys.readouterr().out
     assert f"tensorrt {precision}, deploy form" in printed and "tensorrt rules: OK (3/3" in printed
-    assert "parity" in printed and " 0 (0.000% of max|y|)" in printed, printed  # GEMM-only: exact
+    # GEMM-only, so torch and onnxruntime quantize to the same codes: the outputs differ only by
+    # float32 summation order in the GEMMs (bit-identical on some hosts), below 1e-5 of max|y|
+    parity = re.search(r"parity .*max\|err\| (\S+) \(([\d.]+)% of max\|y\|\)", printed)
+    assert parity and float(parity[2]) < 1e-3, printed
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
