@@ -348,6 +348,5 @@ def _loadavg() -> float | None:
         return None
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
