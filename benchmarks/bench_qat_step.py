@@ -103,7 +103,7 @@ def _time_interleaved(graphs: list, batch: torch.Tensor, loss_fn, warmup: int, s
 def _paired(times: list[float], ref_times: list[float]) -> str:
     """Median and 10th-90th percentile of the ratios of interleaved steps, step by step."""
     ratios = sorted(t / r for t, r in zip(times, ref_times))
-    at = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]  # noqa: E731
+    at = lambda q: ratios[min(len(ratios) - 1, int(q * len(ratios)))]
     return f"{statistics.median(ratios):.2f} [{at(0.1):.2f}–{at(0.9):.2f}]"
 
 
