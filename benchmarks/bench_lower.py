@@ -63,6 +63,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import onnx  # noqa: E402
+from _host import cpu_name, cpuinfo  # noqa: E402
 import onnxruntime  # noqa: E402
 
 from qgraph import FakeQuant, Sequential, TimingInstrument, capture  # noqa: E402
@@ -182,18 +183,11 @@ def spread(s: dict[str, object]) -> str:
 
 
 def machine() -> dict[str, object]:
-    cpu = ""
-    flags: set[str] = set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+    info = cpuinfo()
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(info),
         "cores": os.cpu_count(),
-        "avx512_vnni": "avx512_vnni" in flags,
+        "avx512_vnni": "avx512_vnni" in info.get("flags", "").split(),
         "cuda": torch.cuda.is_available(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -25,7 +25,7 @@ quantizers removed from the graph).
 recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); 4× the
 steps (the same 4× tokens, four times the optimizer updates); QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
-weight-only (w4a16) with 4× the tokens. ``--variant LABEL`` (repeatable) runs only those.
+weight-only (w4a16) with 4× the tokens. ``--variant LABEL`` (repeatable) runs only the variants of that label.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -210,32 +210,31 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
     return rows
 
 
+_BLOCK_TAPS = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
+#: (recipe, label, quantizers removed, taps, batch, steps multiplier) of each ``--ablation`` run
+ABLATION = [
+    ("nvfp4", "QAD", None, {}, 16, 1),
+    ("nvfp4", "QAD + MSE taps on the block outputs", None, _BLOCK_TAPS, 16, 1),
+    ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
+    ("nvfp4", "QAD, 4x the steps", None, {}, 16, 4),
+    ("nvfp4", "QAD, weights only quantized", "activation", {}, 16, 1),
+    ("nvfp4", "QAD, activations only quantized", "weight", {}, 16, 1),
+    ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
+]
+
+
 def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]:
-    """QAD variants on the LM, each from its recipe's calibrated start (see the module docstring);
-    ``only``: the labels of the variants to run (all when None)."""
+    """QAD variants on the LM (:data:`ABLATION`), each from its recipe's calibrated start (see the
+    module docstring); ``only``: the labels of the variants to run (all when None)."""
     import tinylm
 
-    taps = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
-    variants = [  # (recipe, label, quantizers removed, taps, batch, steps multiplier)
-        ("nvfp4", "QAD", None, {}, 16, 1),
-        ("nvfp4", "QAD + MSE taps on the block outputs", None, taps, 16, 1),
-        ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
-        ("nvfp4", "QAD, 4x the steps", None, {}, 16, 4),
-        ("nvfp4", "QAD, weights only quantized", "activation", {}, 16, 1),
-        ("nvfp4", "QAD, activations only quantized", "weight", {}, 16, 1),
-        ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
-    ]
-    if only:
-        unknown = set(only) - {v[1] for v in variants}
-        if unknown:
-            raise SystemExit(f"unknown ablation variant(s): {', '.join(sorted(unknown))}")
-        variants = [v for v in variants if v[1] in only]
+    variants = [v for v in ABLATION if not only or v[1] in only]
     model = tinylm.teacher()  # trains it (about 10 minutes) unless cached
     calib = tinylm.calibration_batches(8, 32)
     log_t = tinylm.teacher_log_probs(model)
     teacher = qgraph.capture(model, (calib[0][:4],))
     starts, rows = {}, []
-    for recipe, label, removed, taps_, batch, times in variants:
+    for recipe, label, removed, taps, batch, times in variants:
         if recipe not in starts:
             starts[recipe] = _calibrated(model, calib[0][:4], recipe, calib)
         base = starts[recipe]
@@ -246,7 +245,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
         InsertFakeQuant()(student)
         if removed is not None:
             student = _without_quantizers(student, removed)
-        InsertDistillTaps(teacher, taps=taps_, temperature=1.0)(student)
+        InsertDistillTaps(teacher, taps=taps, temperature=1.0)(student)
         t0 = time.perf_counter()
         history = _finetune(student, tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
                             lambda out, y: out[1], steps * times, lr, f"{recipe} {label}")
@@ -480,7 +479,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ablation", action="store_true", help="NVFP4 QAD variants on the LM")
-    parser.add_argument("--variant", action="append", help="with --ablation: run only this variant (repeatable)")
+    parser.add_argument("--variant", action="append", choices=sorted({v[1] for v in ABLATION}),
+                        help="with --ablation: run only the variants of this label (repeatable)")
     parser.add_argument("--sensitivity", action="store_true", help="where NVFP4 PTQ's KL comes from")
     parser.add_argument("--eager-kernels", action="store_true", help="do not compile the quantizer kernels")
     parser.add_argument("--out", default=None)
