@@ -22,10 +22,12 @@ the PTQ KL is split into what the weights and what the activations cost (the oth
 quantizers removed from the graph).
 
 ``--ablation`` runs QAD variants on the LM instead (NVFP4 from one calibrated start): the plain
-recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); 4× the
-steps (the same 4× tokens, four times the optimizer updates); QAD of a student whose weights or
+recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); 4× and 16×
+the steps (as many more tokens, and as many more optimizer updates); QDrop (each activation
+quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
+activations); LSQ-learned weight scales instead of tracked ones; QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
-weight-only (w4a16) with 4× the tokens. ``--variant LABEL`` (repeatable) runs only the variants of that label.
+weight-only (w4a16) with 4× the tokens or LSQ weight scales. ``--variant LABEL`` (repeatable) runs only the variants of that label.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -54,6 +56,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,16 +94,30 @@ def _calibrated(model: torch.nn.Module, example: torch.Tensor, recipe: str, cali
     return gm
 
 
+def _param_groups(gm: torch.nn.Module) -> list[dict]:
+    """AdamW groups: the model's own parameters, and one group per learned (LSQ) scale whose rate
+    is scaled by its size relative to the weights' (Adam moves every parameter by about its rate
+    per step; an NVFP4 block scale, counted in global scales, is ~10^4 times a weight)."""
+    scales = {id(m.scale) for m in gm.modules() if isinstance(m, FakeQuant) and m.learnable}
+    own = [p for p in gm.parameters() if p.requires_grad and id(p) not in scales]
+    size = torch.cat([p.detach().abs().flatten() for p in own]).mean()
+    groups = [{"params": own, "relative_lr": 1.0}]
+    for p in gm.parameters():
+        if id(p) in scales:
+            groups.append({"params": [p], "relative_lr": float(p.detach().abs().mean() / size)})
+    return groups
+
+
 def _finetune(gm: torch.fx.GraphModule, batches, loss_fn, steps: int, lr: float, label: str) -> list[float]:
     """Train ``gm`` in place; ``loss_fn(output, batch)`` (QAD: output is ``(logits, kl)``)."""
     gm.train()
     params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(gm), lr=lr, weight_decay=0.0)
     history = []
     bar = tqdm(range(steps), desc=label, unit="step", leave=False, disable=None)  # no bar off a TTY
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = _lr_at(step, steps, lr) * group["relative_lr"]
         inputs, targets = next(batches)
         loss = loss_fn(gm(inputs), targets)
         opt.zero_grad(set_to_none=True)
@@ -211,16 +228,53 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
 
 
 _BLOCK_TAPS = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
-#: (recipe, label, quantizers removed, taps, batch, steps multiplier) of each ``--ablation`` run
+class Variant(NamedTuple):
+    """One ``--ablation`` run: QAD of ``recipe`` from its calibrated start."""
+
+    recipe: str
+    label: str
+    removed: str | None = None  # "weight" / "activation": that side's quantizers taken out
+    taps: dict = {}  # noqa: RUF012 - never mutated; MSE taps on graph nodes, name -> weight
+    batch: int = 16
+    times: int = 1  # the steps multiplier
+    qdrop: float = 0.0  # QDrop probability of the activation quantizers
+    learn_weight_scales: bool = False  # LSQ weight scales instead of tracked ones
+
+
 ABLATION = [
-    ("nvfp4", "QAD", None, {}, 16, 1),
-    ("nvfp4", "QAD + MSE taps on the block outputs", None, _BLOCK_TAPS, 16, 1),
-    ("nvfp4", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
-    ("nvfp4", "QAD, 4x the steps", None, {}, 16, 4),
-    ("nvfp4", "QAD, weights only quantized", "activation", {}, 16, 1),
-    ("nvfp4", "QAD, activations only quantized", "weight", {}, 16, 1),
-    ("w4a16", "QAD, 4x tokens (batch 64)", None, {}, 64, 1),
+    Variant("nvfp4", "QAD"),
+    Variant("nvfp4", "QAD + MSE taps on the block outputs", taps=_BLOCK_TAPS),
+    Variant("nvfp4", "QAD, 4x tokens (batch 64)", batch=64),
+    Variant("nvfp4", "QAD, 4x the steps", times=4),
+    Variant("nvfp4", "QAD, 16x the steps", times=16),
+    Variant("nvfp4", "QAD, QDrop 0.5", qdrop=0.5),
+    Variant("nvfp4", "QAD, LSQ weight scales", learn_weight_scales=True),
+    Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
+    Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
+    Variant("w4a16", "QAD, 4x tokens (batch 64)", batch=64),
+    Variant("w4a16", "QAD, LSQ weight scales", learn_weight_scales=True),
 ]
+
+
+class _QDrop(torch.nn.Module):
+    """QDrop (Wei et al., ICLR 2022) on one activation quantizer: in training each value keeps
+    its float value with probability ``p`` and is quantized otherwise; in eval, the quantizer."""
+
+    def __init__(self, quantizer: FakeQuant, p: float) -> None:
+        super().__init__()
+        self.quantizer, self.p = quantizer, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer(x)
+        return torch.where(torch.rand_like(x) < self.p, x, q) if self.training else q
+
+
+def _qdrop(gm: torch.fx.GraphModule, p: float) -> None:
+    """Wrap every activation quantizer of ``gm`` in :class:`_QDrop` (in place)."""
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and module.spec.role != "weight":
+            gm.set_submodule(node.target, _QDrop(module, p))
 
 
 def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]:
@@ -228,13 +282,13 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
     module docstring); ``only``: the labels of the variants to run (all when None)."""
     import tinylm
 
-    variants = [v for v in ABLATION if not only or v[1] in only]
+    variants = [v for v in ABLATION if not only or v.label in only]
     model = tinylm.teacher()  # trains it (about 10 minutes) unless cached
     calib = tinylm.calibration_batches(8, 32)
     log_t = tinylm.teacher_log_probs(model)
     teacher = qgraph.capture(model, (calib[0][:4],))
     starts, rows = {}, []
-    for recipe, label, removed, taps, batch, times in variants:
+    for recipe, label, removed, taps, batch, times, drop, learn_weights in variants:
         if recipe not in starts:
             starts[recipe] = _calibrated(model, calib[0][:4], recipe, calib)
         base = starts[recipe]
@@ -242,9 +296,11 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
         InsertQDQ()(ptq)
         before = tinylm.score(ptq if removed is None else _without_quantizers(ptq, removed), log_t)
         student = copy.deepcopy(base)
-        InsertFakeQuant()(student)
+        InsertFakeQuant(learn_weight_scales=learn_weights)(student)
         if removed is not None:
             student = _without_quantizers(student, removed)
+        if drop:
+            _qdrop(student, drop)
         InsertDistillTaps(teacher, taps=taps, temperature=1.0)(student)
         t0 = time.perf_counter()
         history = _finetune(student, tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
@@ -252,6 +308,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
         after = tinylm.score(student, log_t)
         closed = (before["kl"] - after["kl"]) / before["kl"]
         rows.append({"recipe": recipe, "variant": label, "steps": steps * times, "batch": batch, "lr": lr,
+                     "qdrop": drop, "learn_weight_scales": learn_weights,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
@@ -479,7 +536,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--ablation", action="store_true", help="NVFP4 QAD variants on the LM")
-    parser.add_argument("--variant", action="append", choices=sorted({v[1] for v in ABLATION}),
+    parser.add_argument("--variant", action="append", choices=sorted({v.label for v in ABLATION}),
                         help="with --ablation: run only the variants of this label (repeatable)")
     parser.add_argument("--sensitivity", action="store_true", help="where NVFP4 PTQ's KL comes from")
     parser.add_argument("--eager-kernels", action="store_true", help="do not compile the quantizer kernels")

@@ -5,7 +5,9 @@ Runs after calibration. Calibrated observers become :class:`~qgraph.quant.FakeQu
 
   * weight quantizers *track* their weight: scales are recomputed from the current weight on
     every call, so codes follow the weights as the optimizer moves them (the export uses the
-    scales of the final weights);
+    scales of the final weights); or, with ``learn_weight_scales=True``, their scales start from
+    that rule and are trained with the LSQ gradient (per channel or per block; NVFP4's E4M3
+    block scales too, rounded to E4M3 in the forward);
   * activation scales stay frozen at their calibrated values (``learn_scales=False``), or become
     parameters trained with the LSQ gradient (``learn_scales=True``; INT8/FP8 activations), or
     keep widening with the running max |x| for the first ``observe_steps`` training calls.
@@ -28,7 +30,7 @@ from qgraph._errors import PreconditionError
 from qgraph._pass import PassResult
 from qgraph.observers import Observer
 from qgraph.passes.insert_qdq import InsertQDQ
-from qgraph.quant import QUANT_META, FakeQuant
+from qgraph.quant import LEARNABLE_SCALE_TYPES, QUANT_META, FakeQuant
 
 __all__ = ["InsertFakeQuant"]
 
@@ -41,20 +43,24 @@ class InsertFakeQuant(InsertQDQ):
     ``learnable`` (scales that are parameters).
 
     Args:
-        learn_scales: train activation scales with LSQ (float32-scale formats).
+        learn_scales: train activation scales with LSQ (static activation quantizers; the block
+            scales of dynamic NVFP4/MX activations are computed at run time and stay so).
         observe_steps: training calls during which activation ranges keep widening.
+        learn_weight_scales: train weight scales with LSQ instead of tracking the weights
+            (every weight format but MX, whose power-of-two scales keep tracking).
     """
 
     name = "insert-fake-quant"
     graphs = ("fx",)  # training needs the torch graph
 
-    def __init__(self, learn_scales: bool = False, observe_steps: int = 0) -> None:
+    def __init__(self, learn_scales: bool = False, observe_steps: int = 0, learn_weight_scales: bool = False) -> None:
         if not isinstance(observe_steps, int) or observe_steps < 0:
             raise PreconditionError(f"observe_steps must be an integer >= 0, got {observe_steps!r}")
         if learn_scales and observe_steps:
             raise PreconditionError("learn_scales and observe_steps exclude each other: a learned scale learns its range")
         self.learn_scales = bool(learn_scales)
         self.observe_steps = observe_steps
+        self.learn_weight_scales = bool(learn_weight_scales)
 
     def options(self) -> dict[str, object]:
         opts: dict[str, object] = {}
@@ -62,6 +68,8 @@ class InsertFakeQuant(InsertQDQ):
             opts["learn_scales"] = True
         if self.observe_steps:
             opts["observe_steps"] = self.observe_steps
+        if self.learn_weight_scales:
+            opts["learn_weight_scales"] = True
         return opts
 
     def requires(self, graph: torch.fx.GraphModule) -> None:
@@ -81,10 +89,10 @@ class InsertFakeQuant(InsertQDQ):
                 continue
             module = graph.get_submodule(node.target)
             weight = module.spec.role == "weight" and getattr(node.args[0], "op", "") == "get_attr"
-            learn = self.learn_scales and not weight and not module.spec.dynamic
-            learn = learn and module.spec.scale_type == "float32"
+            learnable_kind = not module.spec.dynamic and module.spec.scale_type in LEARNABLE_SCALE_TYPES
+            learn = learnable_kind and (self.learn_weight_scales if weight else self.learn_scales)
             configured += module.configure_training(
-                track_weight=weight,
+                track_weight=weight and not learn,
                 learn_scale=learn,
                 observe_steps=0 if weight else self.observe_steps,
             )

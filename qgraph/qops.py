@@ -51,6 +51,7 @@ __all__ = [
     "absmax_scale",
     "affine_scale",
     "nvfp4_scales",
+    "e4m3_ratio",
     "mx_scales",
     "fake_quant_fmt",
     "fake_quant_dynamic",
@@ -338,9 +339,14 @@ def nvfp4_global_scale(amax: Tensor) -> Tensor:
     return positive(amax.detach().to(torch.float32) / 2688.0)
 
 
-def _nvfp4_block_scale(block_amax_: Tensor, global_scale: Tensor) -> Tensor:
-    ratio = block_amax_ / (global_scale * 6.0)
+def e4m3_ratio(ratio: Tensor) -> Tensor:
+    """NVFP4 block scales (as multiples of the global scale) on the E4M3 grid: clamped to
+    [2**-9, 448] (E4M3's smallest subnormal and largest value), rounded half to even."""
     return ratio.clamp(2.0**-9, 448.0).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _nvfp4_block_scale(block_amax_: Tensor, global_scale: Tensor) -> Tensor:
+    return e4m3_ratio(block_amax_ / (global_scale * 6.0))
 
 
 def nvfp4_scales(

@@ -287,13 +287,22 @@ class FakeQuant(torch.nn.Module):
                 so the codes follow the weights as they train; what is exported is the scale of
                 the final weights (:func:`refresh_weight_scales`).
             learn_scale: make the scale a parameter trained with the LSQ gradient, scaled by
-                ``1 / sqrt(elements per scale * qmax)`` (Esser et al., 2020). Static formats with
-                float32 scales only (INT8, FP8, INT4).
+                ``1 / sqrt(elements per scale * qmax)`` (Esser et al., 2020). Static quantizers:
+                float32 scales (INT8, FP8, INT4; per tensor, channel or block) and NVFP4 weight
+                block scales, which the forward rounds to E4M3 (the gradient passes straight
+                through), so training sees what is deployed. Not dynamic quantizers (their
+                block scales are computed from each input at run time) or MX's power-of-two
+                block scales.
             observe_steps: (activations) keep widening the calibrated range with the running
                 max |x| for this many training-mode calls.
         """
-        if learn_scale and (self.spec.dynamic or self.spec.scale_type != "float32"):
-            raise QGraphError(f"{self.spec.describe()}: only float32 scales can be learned")
+        if learn_scale and self.spec.dynamic:
+            raise QGraphError(
+                f"{self.spec.describe()}: its block scales are computed from each input at run time; "
+                "there is no scale to learn"
+            )
+        if learn_scale and self.spec.scale_type not in LEARNABLE_SCALE_TYPES:
+            raise QGraphError(f"{self.spec.describe()}: MX block scales (powers of two) cannot be learned")
         if learn_scale and (track_weight or observe_steps):
             raise QGraphError("a learned scale is neither tracked nor observed: pick one")
         changed = (self.track_weight, self.learnable, self.observe_steps) != (
@@ -376,6 +385,8 @@ class FakeQuant(torch.nn.Module):
             scale = scale.clamp_min(_TINY)  # a learned scale stays positive (see prepare_for_export)
             if torch.is_grad_enabled():
                 scale = _GradScale.apply(scale, (x.numel() / scale.numel() * spec.qmax) ** -0.5)
+            if spec.scale_type == "fp8_e4m3":  # what TensorRT stores: E4M3 block scales
+                scale = _E4M3Ratio.apply(scale)
         if spec.is_int8:
             return _op("fake_quant")(x, scale, self.zero_point, axis, spec.qmin, spec.qmax)
         if spec.dynamic:
@@ -388,6 +399,23 @@ class FakeQuant(torch.nn.Module):
 
 #: smallest normal float32: the floor of a learned scale
 _TINY = float(torch.finfo(torch.float32).tiny)
+
+#: scale types a static quantizer can learn (LSQ): float32 scales, NVFP4's E4M3 block scales
+LEARNABLE_SCALE_TYPES = ("float32", "fp8_e4m3")
+
+
+class _E4M3Ratio(torch.autograd.Function):
+    """NVFP4 block scales rounded to E4M3 (:func:`qgraph.qops.e4m3_ratio`); the gradient passes
+    straight through the rounding and the clamp to [2**-9, 448] (a scale that crossed a bound
+    can come back)."""
+
+    @staticmethod
+    def forward(ctx, ratio: Tensor) -> Tensor:  # noqa: ANN001
+        return qops.e4m3_ratio(ratio)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return grad
 
 
 class _GradScale(torch.autograd.Function):
@@ -422,6 +450,8 @@ def prepare_for_export(gm: torch.nn.Module) -> int:
                         name, float(calibrated.min()), float(module.scale.min()),
                     )
                 module.scale.clamp_(min=_TINY)
+                if module.spec.scale_type == "fp8_e4m3":  # stored as the forward rounds it
+                    module.scale.copy_(qops.e4m3_ratio(module.scale))
     return refresh_weight_scales(gm)
 
 

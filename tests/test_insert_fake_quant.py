@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -14,6 +15,7 @@ import qgraph
 from qgraph import FakeQuant, PreconditionError, Sequential
 from qgraph.backends import tensorrt
 from qgraph.examples.zoo import make
+from qgraph.graph import get_attr
 from qgraph.parity import check_parity
 from qgraph.passes import Annotate, Calibrate, InsertFakeQuant, InsertObservers, InsertQDQ
 
@@ -71,7 +73,7 @@ def test_idempotent():
     assert not again.modified and str(gm.graph) == before
 
 
-def test_negative_needs_calibrated_quantizers_and_learns_float32_scales_only():
+def test_negative_needs_calibrated_quantizers_and_leaves_dynamic_block_scales_unlearned():
     model, x = make("mlp")
     with pytest.raises(PreconditionError, match="no quantizers or observers"):
         InsertFakeQuant()(qgraph.capture(model, (x,)))
@@ -337,3 +339,97 @@ def test_a_learned_scale_driven_to_zero_is_reported_at_export(caplog):
         prepare_for_export(gm)
     assert "learned scale of fq_x fell from" in caplog.text
     assert float(act.scale.detach()) > 0
+
+
+def _block32(rules):
+    """w4a16 with blocks of 32: the zoo's layers are 32-128 wide (the default block is 128)."""
+    import dataclasses
+
+    return dataclasses.replace(rules, weight=dataclasses.replace(rules.weight, block_size=32))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "w4a16", "nvfp4"])
+def test_learned_weight_scales_train_and_the_deploy_form_stores_them(recipe):
+    """learn_weight_scales: per-channel INT8, INT4-block and NVFP4 E4M3-block weight scales become
+    LSQ parameters, get gradients and move; the deploy form's stored weights decode to the trained
+    fake-quant weights exactly, and it computes the trained model."""
+    from onnx.reference import ReferenceEvaluator
+
+    from _deploy_form import decoded_weights, trt_ops
+
+    rules = _block32(tensorrt.W4A16) if recipe == "w4a16" else tensorrt.RULES[recipe]
+    gm, data = _calibrated(rules)
+    result = InsertFakeQuant(learn_weight_scales=True)(gm)
+    weights = [m for m in _quantizers(gm).values() if m.spec.role == "weight"]
+    assert len(weights) == 3 and all(m.learnable and not m.track_weight for m in weights)
+    assert result.counts["learnable"] == 3
+    assert InsertFakeQuant(learn_weight_scales=True).options() == {"learn_weight_scales": True}
+    start = [m.scale.detach().clone() for m in weights]
+    gm.train()
+    opt = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-3)
+    target = torch.randn(16, 10, generator=torch.Generator().manual_seed(9))
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(gm(data[0]), target).backward()
+        assert all(m.scale.grad is not None and bool(m.scale.grad.abs().sum() > 0) for m in weights)
+        opt.step()
+    gm.eval()
+    assert all(not torch.equal(m.scale.detach(), s) for m, s in zip(weights, start))
+    onnx_bytes = tensorrt.lower(gm, (data[1],))
+    if recipe == "nvfp4":  # stored as the forward rounds them: E4M3 block scales
+        from qgraph import qops
+
+        assert all(torch.equal(m.scale.detach(), qops.e4m3_ratio(m.scale.detach())) for m in weights)
+    with torch.no_grad():
+        want = [m(get_attr(gm, n.args[0].target)).numpy() for n in gm.graph.nodes
+                if n.op == "call_module" and (m := gm.get_submodule(n.target)) in weights]
+    got = decoded_weights(onnx.load_from_string(onnx_bytes))
+    for w in want:
+        assert any(g.shape == w.T.shape and np.array_equal(g, w.T) or g.shape == w.shape and np.array_equal(g, w)
+                   for g in got), f"no stored weight decodes to the trained {w.shape} weight"
+    sess = ReferenceEvaluator(onnx.load_from_string(onnx_bytes), new_ops=trt_ops())
+    out = sess.run(None, {sess.input_names[0]: data[1].numpy()})[0]
+    with torch.no_grad():
+        ref = gm(data[1]).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_nvfp4_learned_block_scales_are_rounded_to_e4m3_with_a_straight_through_gradient():
+    """Off the E4M3 grid, a learned NVFP4 weight scale computes what its E4M3 rounding computes
+    (what TensorRT stores), and its gradient passes the rounding straight through."""
+    from qgraph import qops
+
+    gm, _ = _calibrated(tensorrt.NVFP4)
+    InsertFakeQuant(learn_weight_scales=True)(gm)
+    node = next(n for n in gm.graph.nodes
+                if n.op == "call_module" and gm.get_submodule(n.target).spec.role == "weight")
+    module, w = gm.get_submodule(node.target), get_attr(gm, node.args[0].target).detach()
+    with torch.no_grad():
+        module.scale.mul_(1.03)  # between E4M3 values
+    rounded = qops.e4m3_ratio(module.scale.detach())
+    assert not torch.equal(rounded, module.scale.detach())
+    out = module(w)
+    args = (module.global_scale, module.spec.axis, 16, "fp4_e2m1", "fp8_e4m3")
+    want = torch.ops.qgraph.fake_quant_fmt(w, rounded, *args)
+    assert torch.equal(out.detach(), want)
+    out.pow(2).sum().backward()
+    s = rounded.clone().requires_grad_(True)
+    torch.ops.qgraph.fake_quant_fmt(w, s, *args).pow(2).sum().backward()
+    g = (w.numel() / s.numel() * 6) ** -0.5  # LSQ's gradient scale
+    torch.testing.assert_close(module.scale.grad, s.grad * g, rtol=1e-5, atol=0)
+
+
+def test_scales_that_cannot_be_learned_say_why():
+    """Dynamic NVFP4/MX activations compute their block scales at run time; MX weight scales are
+    powers of two: the pass leaves them as they are (tracked, frozen), configure_training refuses."""
+    gm, _ = _calibrated(tensorrt.MXFP8)
+    result = InsertFakeQuant(learn_scales=True, learn_weight_scales=True)(gm)
+    q = _quantizers(gm).values()
+    assert result.counts["learnable"] == 0
+    assert all(m.track_weight for m in q if m.spec.role == "weight")
+    weight = next(m for m in q if m.spec.role == "weight")
+    dynamic = next(m for m in q if m.spec.dynamic)
+    with pytest.raises(qgraph.QGraphError, match="at run time"):
+        dynamic.configure_training(learn_scale=True)
+    with pytest.raises(qgraph.QGraphError, match="powers of two"):
+        weight.configure_training(learn_scale=True)

@@ -9,18 +9,18 @@ import functools
 import ml_dtypes
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 import torch
 
 from qgraph import QGraphError, Sequential, capture
 from qgraph.backends import tensorrt
-from qgraph.backends._onnx import const_array, const_or_dequantized
 from qgraph.examples.zoo import ZOO, make
 from qgraph.graph import get_attr
 from qgraph.parity import check_parity
 from qgraph.passes import Annotate, Calibrate, FoldBatchNorm, InsertObservers, InsertQDQ
 from qgraph.quant import FakeQuant
+
+from _deploy_form import decoded_weights, trt_ops
 
 RECIPES = ("fp8", "w4a16", "nvfp4", "mxfp8", "mxfp4")
 DEPLOYABLE = ("fp8", "w4a16", "nvfp4", "mxfp8")
@@ -92,27 +92,6 @@ def test_ort_runs_the_deploy_form_of_standard_formats(name, precision):
     assert report.max_relative <= (1e-6 if name in GEMM_ONLY else 0.01), report.summary()
 
 
-def _decoded_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
-    """Every dequantized constant weight of a deploy-form model, decoded in numpy."""
-    graph = ir.serde.deserialize_model(proto).graph
-    out = []
-    for node in graph:
-        if const_array(node.inputs[0]) is None:
-            continue
-        if any(use.node.op_type == "DequantizeLinear" and use.idx == 1 for use in node.outputs[0].uses()):
-            continue  # an NVFP4 block-scale DequantizeLinear (the scale of the weight's), not a weight
-        if node.op_type == "DequantizeLinear":
-            out.append(const_or_dequantized(node.outputs[0]))
-        elif node.op_type == "TRT_MXFP8DequantizeLinear":
-            codes = const_array(node.inputs[0]).astype(np.float32)
-            bits = const_array(node.inputs[1])
-            scale = bits.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
-            axis = node.attributes["axis"].as_int() % codes.ndim
-            block = node.attributes["block_size"].as_int()
-            out.append(codes * np.repeat(scale, block, axis=axis).take(range(codes.shape[axis]), axis=axis))
-    return out
-
-
 @pytest.mark.parametrize("precision", DEPLOYABLE)
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_deployed_weight_codes_decode_to_the_trained_weights(name, precision):
@@ -125,7 +104,7 @@ def test_deployed_weight_codes_decode_to_the_trained_weights(name, precision):
             if module.spec.role == "weight":
                 with torch.no_grad():
                     want.append(module(get_attr(gm, node.args[0].target)).numpy())
-    got = _decoded_weights(onnx.load_from_string(lowered(name, precision, "deploy")))
+    got = decoded_weights(onnx.load_from_string(lowered(name, precision, "deploy")))
     assert len(got) == len(want) > 0
     for w in want:
         assert any(g.shape == w.shape and np.array_equal(g, w) or g.shape == w.T.shape and np.array_equal(g, w.T)
@@ -183,42 +162,6 @@ def test_inspect_flags_block_formats_outside_gemms():
 # --- the deploy form itself, run by onnx.reference with TensorRT's ops written from their spec ----
 
 
-def _trt_ops():
-    """onnx.reference implementations of TensorRT's quantizer ops (REFERENCE.md), on qgraph.formats."""
-    from onnx.reference.op_run import OpRun
-
-    from qgraph import formats
-
-    def blocks_last(x, block):
-        return formats.block_amax(x, -1, block)
-
-    class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 - TensorRT's name
-        op_domain = "trt"
-
-        def _run(self, x, global_scale, axis=-1, block_size=16, scale_type=17):
-            ratio = blocks_last(x, block_size) / (np.float32(6) * global_scale)
-            s_b = np.clip(ratio, np.float32(2**-9), np.float32(448)).astype(ml_dtypes.float8_e4m3fn)
-            eff = (s_b.astype(np.float32) * global_scale).astype(np.float32)
-            return formats.quantize(x, eff, "fp4_e2m1", axis=-1, block_size=block_size), s_b
-
-    class TRT_MXFP8DynamicQuantize(OpRun):  # noqa: N801
-        op_domain = "trt"
-
-        def _run(self, x, axis=-1, block_size=32, output_dtype=17):
-            scale = formats.mx_scales(x, "fp8_e4m3", axis=-1, block_size=block_size)
-            codes = formats.quantize(x, scale.astype(np.float32), "fp8_e4m3", axis=-1, block_size=block_size)
-            return codes, scale.view(np.uint8)
-
-    class TRT_MXFP8DequantizeLinear(OpRun):  # noqa: N801
-        op_domain = "trt"
-
-        def _run(self, x, scale, axis=-1, block_size=32, output_dtype=1):
-            s = scale.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
-            return (formats.dequantize(x, s, axis=axis, block_size=block_size),)
-
-    return [TRT_FP4DynamicQuantize, TRT_MXFP8DynamicQuantize, TRT_MXFP8DequantizeLinear]
-
-
 @pytest.mark.parametrize("precision", ["nvfp4", "mxfp8"])
 @pytest.mark.parametrize("name", ["mlp", "transformer", "rescnn"])
 def test_deploy_form_computes_the_fake_quant_model(name, precision):
@@ -227,7 +170,7 @@ def test_deploy_form_computes_the_fake_quant_model(name, precision):
     from onnx.reference import ReferenceEvaluator
 
     gm, calib = quantized(name, precision)
-    sess = ReferenceEvaluator(onnx.load_from_string(lowered(name, precision, "deploy")), new_ops=_trt_ops())
+    sess = ReferenceEvaluator(onnx.load_from_string(lowered(name, precision, "deploy")), new_ops=trt_ops())
     x = calib[1][:4]
     got = sess.run(None, {sess.input_names[0]: x.numpy()})[0]
     with torch.no_grad():
