@@ -27,7 +27,7 @@ the steps (as many more tokens, and as many more optimizer updates); QDrop (each
 quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
 activations); LSQ-learned weight scales instead of tracked ones; QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
-weight-only (w4a16) with 4× the tokens or LSQ weight scales. ``--variant LABEL`` (repeatable) runs only the variants of that label.
+weight-only (w4a16): plain, with 4× the tokens, or with LSQ weight scales. ``--variant LABEL`` (repeatable) runs only the variants of that label.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -251,6 +251,7 @@ ABLATION = [
     Variant("nvfp4", "QAD, LSQ weight scales", learn_weight_scales=True),
     Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
     Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
+    Variant("w4a16", "QAD"),
     Variant("w4a16", "QAD, 4x tokens (batch 64)", batch=64),
     Variant("w4a16", "QAD, LSQ weight scales", learn_weight_scales=True),
 ]
