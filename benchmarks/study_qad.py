@@ -27,7 +27,8 @@ the steps (as many more tokens, and as many more optimizer updates); QDrop (each
 quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
 activations); LSQ-learned weight scales instead of tracked ones; QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
-weight-only (w4a16): plain, with 4× the tokens, or with LSQ weight scales. ``--variant LABEL`` (repeatable) runs only the variants of that label.
+weight-only (w4a16): plain, with 4× the tokens, or with LSQ weight scales. ``--variant LABEL``
+(repeatable) runs only the variants of that label (``QAD``: the plain NVFP4 and w4a16 rows).
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -228,6 +229,8 @@ def study_lm(recipes: list[str], steps: int, lr: float, batch: int) -> list[dict
 
 
 _BLOCK_TAPS = {f"add_{2 * i}": 1.0 for i in range(1, 5)}  # the four blocks' residual outputs
+
+
 class Variant(NamedTuple):
     """One ``--ablation`` run: QAD of ``recipe`` from its calibrated start."""
 
