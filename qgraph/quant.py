@@ -435,8 +435,10 @@ def prepare_for_export(gm: torch.nn.Module) -> int:
     """Bring every QAT quantizer's stored state to what the trained model computes.
 
     Tracked weight scales are recomputed from the final weights (the last optimizer step came
-    after the last forward) and learned scales are clamped positive, as the forward clamps them.
-    ``lower`` calls this. Returns how many quantizers were updated.
+    after the last forward) and learned scales are clamped positive, as the forward clamps them;
+    learned NVFP4 block scales are stored rounded to E4M3, as the forward rounds them (the model
+    computes the same; training resumed afterwards starts from the rounded values).
+    ``lower`` calls this. Returns how many tracked weight scales were refreshed.
     """
     with torch.no_grad():
         for name, module in gm.named_modules():
