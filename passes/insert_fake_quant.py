@@ -56,11 +56,14 @@ class InsertFakeQuant(InsertQDQ):
     def __init__(self, learn_scales: bool = False, observe_steps: int = 0, learn_weight_scales: bool = False) -> None:
         if not isinstance(observe_steps, int) or observe_steps < 0:
             raise PreconditionError(f"observe_steps must be an integer >= 0, got {observe_steps!r}")
+        for name, value in (("learn_scales", learn_scales), ("learn_weight_scales", learn_weight_scales)):
+            if not isinstance(value, bool):
+                raise PreconditionError(f"{name} must be true or false, got {value!r}")
         if learn_scales and observe_steps:
             raise PreconditionError("learn_scales and observe_steps exclude each other: a learned scale learns its range")
-        self.learn_scales = bool(learn_scales)
+        self.learn_scales = learn_scales
         self.observe_steps = observe_steps
-        self.learn_weight_scales = bool(learn_weight_scales)
+        self.learn_weight_scales = learn_weight_scales
 
     def options(self) -> dict[str, object]:
         opts: dict[str, object] = {}

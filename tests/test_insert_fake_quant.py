@@ -82,6 +82,8 @@ def test_negative_needs_calibrated_quantizers_and_leaves_dynamic_block_scales_un
     assert result.counts["learnable"] == 0  # NVFP4: dynamic block scales, nothing to learn
     with pytest.raises(PreconditionError, match="observe_steps"):
         InsertFakeQuant(observe_steps=-1)
+    with pytest.raises(PreconditionError, match="learn_weight_scales must be true or false, got 'maybe'"):
+        InsertFakeQuant(learn_weight_scales="maybe")
     with pytest.raises(PreconditionError, match="exclude each other"):
         InsertFakeQuant(learn_scales=True, observe_steps=2)
 
