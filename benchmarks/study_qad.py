@@ -292,31 +292,31 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
     log_t = tinylm.teacher_log_probs(model)
     teacher = qgraph.capture(model, (calib[0][:4],))
     starts, rows = {}, []
-    for recipe, label, removed, taps, batch, times, drop, learn_weights in variants:
-        if recipe not in starts:
-            starts[recipe] = _calibrated(model, calib[0][:4], recipe, calib)
-        base = starts[recipe]
+    for v in variants:
+        if v.recipe not in starts:
+            starts[v.recipe] = _calibrated(model, calib[0][:4], v.recipe, calib)
+        base = starts[v.recipe]
         ptq = copy.deepcopy(base)
         InsertQDQ()(ptq)
-        before = tinylm.score(ptq if removed is None else _without_quantizers(ptq, removed), log_t)
+        before = tinylm.score(ptq if v.removed is None else _without_quantizers(ptq, v.removed), log_t)
         student = copy.deepcopy(base)
-        InsertFakeQuant(learn_weight_scales=learn_weights)(student)
-        if removed is not None:
-            student = _without_quantizers(student, removed)
-        if drop:
-            _qdrop(student, drop)
-        InsertDistillTaps(teacher, taps=taps, temperature=1.0)(student)
+        InsertFakeQuant(learn_weight_scales=v.learn_weight_scales)(student)
+        if v.removed is not None:
+            student = _without_quantizers(student, v.removed)
+        if v.qdrop:
+            _qdrop(student, v.qdrop)
+        InsertDistillTaps(teacher, taps=v.taps, temperature=1.0)(student)
         t0 = time.perf_counter()
-        history = _finetune(student, tinylm.batches("train", batch, tinylm.CONFIG["ctx"], seed=11),
-                            lambda out, y: out[1], steps * times, lr, f"{recipe} {label}")
+        history = _finetune(student, tinylm.batches("train", v.batch, tinylm.CONFIG["ctx"], seed=11),
+                            lambda out, y: out[1], steps * v.times, lr, f"{v.recipe} {v.label}")
         after = tinylm.score(student, log_t)
         closed = (before["kl"] - after["kl"]) / before["kl"]
-        rows.append({"recipe": recipe, "variant": label, "steps": steps * times, "batch": batch, "lr": lr,
-                     "qdrop": drop, "learn_weight_scales": learn_weights,
+        rows.append({"recipe": v.recipe, "variant": v.label, "steps": steps * v.times, "batch": v.batch, "lr": lr,
+                     "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
-        print(f"{recipe} {label}: KL {before['kl']:.4f} -> {after['kl']:.4f} ({100 * closed:.0f} %), "
+        print(f"{v.recipe} {v.label}: KL {before['kl']:.4f} -> {after['kl']:.4f} ({100 * closed:.0f} %), "
               f"ce {before['ce']:.4f} -> {after['ce']:.4f}", flush=True)
     return rows
 
