@@ -67,6 +67,8 @@ CASES = {
         QSpec("uint8", "activation", None, symmetric=False), torch.tensor(0.02), torch.tensor(100, dtype=torch.uint8)
     ),
     "fp8 per tensor": lambda: FakeQuant.for_activation(QSpec("fp8_e4m3", "activation", None), torch.tensor(4.0)),
+    "fp8 e5m2 per tensor": lambda: FakeQuant.for_activation(QSpec("fp8_e5m2", "activation", None), torch.tensor(4.0)),
+    "fp8 per channel": lambda: FakeQuant.for_weight(_weight_spec("fp8_e4m3"), _data((256, 256), 1.0, 7)),
     "int4 blocks": lambda: FakeQuant.for_weight(_weight_spec("int4", axis=1, block_size=128), _data((512, 256), 1.0, 4)),
     "nvfp4 weight": lambda: FakeQuant.for_weight(
         _weight_spec("fp4_e2m1", axis=1, block_size=16, scale_type="fp8_e4m3"), _data((256, 256), 1.0, 5)
@@ -252,6 +254,9 @@ def test_quantizer_traced_by_torch_compile_matches_the_custom_op(case):
     shape = (512, 256) if fq.spec.role == "weight" and fq.scale.dim() and fq.scale.shape[0] == 512 else (256, 256)
     x = _data(shape, float(fq.scale.reshape(-1)[0]) if fq.scale.numel() else 1.0)
     y_eager, g_eager = _run(fq, x)
+    # each case compiles FakeQuant.forward anew: more cases than dynamo's recompile limit (8)
+    # would run the last ones eagerly, so every case starts from an empty cache
+    torch._dynamo.reset()
     compiled = torch.compile(fq)
     _run(compiled, x)  # compiles
     with torch.profiler.profile() as prof:
@@ -259,3 +264,33 @@ def test_quantizer_traced_by_torch_compile_matches_the_custom_op(case):
     assert not any(e.name.startswith("qgraph::") for e in prof.events()), "the twin is traced, not the op"
     assert _equal_values(y_traced, y_eager), case
     assert _same(g_traced, g_eager), case
+
+
+def _fp8_probes(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of an FP8 type, the midpoints between neighbours (ties), the float32
+    values just either side of each midpoint, values past the largest, and ±inf, NaN, ±0."""
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()
+    mid = (grid[1:] + grid[:-1]) / 2  # exact in float32: FP8 has few mantissa bits
+    beyond = grid[-1] * torch.tensor([1.0625, 1.125, 2.0, 1e6])
+    values = torch.cat([grid, mid, mid.nextafter(torch.tensor(0.0)), mid.nextafter(torch.tensor(1e30)), beyond])
+    special = torch.tensor([float("inf"), float("nan"), 0.0, -0.0, 1e-30, 2.0**-20])
+    return torch.cat([values, -values, special])
+
+
+@pytest.mark.parametrize("element, dtype", [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
+def test_compiled_fp8_rounding_is_the_cast_on_every_tie_and_neighbour(element, dtype):
+    """Traced by torch.compile, FP8 rounding is float32/int32 arithmetic (a cast compiles to
+    scalar code); it gives the cast's value, bit for bit, on every grid point, tie (half to
+    even), value beside a tie, subnormal, saturating value and special value."""
+    y = _fp8_probes(dtype)
+    elem = fmt.element(element)
+    expected = y.clamp(elem.qmin, elem.qmax).to(dtype).float()
+    assert _same(torch.compile(qops.round_to, fullgraph=True)(y, element), expected)
+    assert _same(qops.round_to(y, element), expected)  # eager: the cast itself
+
+
+def test_compiled_e4m3_block_scale_rounding_is_the_cast():
+    ratio = _fp8_probes(torch.float8_e4m3fn)
+    ratio = ratio[ratio > 0]  # block-scale ratios are amax / (6 * global scale): not negative
+    assert _same(torch.compile(qops.e4m3_ratio, fullgraph=True)(ratio), qops.e4m3_ratio(ratio))
