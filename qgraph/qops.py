@@ -385,10 +385,17 @@ def nvfp4_scales(
     x: Tensor, global_amax: Tensor | None = None, axis: int = -1, block_size: int = 16
 ) -> tuple[Tensor, Tensor]:
     """(E4M3 block scales as float32 values, FP32 global scale); see :func:`qgraph.formats.nvfp4_scales`."""
-    blocks = block_amax(x.detach().to(torch.float32), axis, block_size)
-    # the tensor's amax is the largest block amax: one |x| pass, not two (QAT refreshes every step)
-    amax = blocks.max() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
-    s_g = nvfp4_global_scale(amax)
+    x = x.detach().to(torch.float32)
+    if global_amax is None:  # QAT refreshes a tracked weight's scales every step: one fused kernel
+        return kernel(_nvfp4_scales_of, x.numel())(x, axis, block_size)
+    blocks = block_amax(x, axis, block_size)
+    s_g = nvfp4_global_scale(torch.as_tensor(global_amax, dtype=torch.float32))
+    return _nvfp4_block_scale(blocks, s_g), s_g
+
+
+def _nvfp4_scales_of(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, Tensor]:
+    blocks = block_amax(x, axis, block_size)
+    s_g = nvfp4_global_scale(blocks.max())  # the tensor's amax is the largest block amax: one |x| pass
     return _nvfp4_block_scale(blocks, s_g), s_g
 
 

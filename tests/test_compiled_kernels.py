@@ -294,3 +294,19 @@ def test_compiled_e4m3_block_scale_rounding_is_the_cast():
     ratio = _fp8_probes(torch.float8_e4m3fn)
     ratio = ratio[ratio > 0]  # block-scale ratios are amax / (6 * global scale): not negative
     assert _same(torch.compile(qops.e4m3_ratio, fullgraph=True)(ratio), qops.e4m3_ratio(ratio))
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (250, 1000)])  # 1000: a partial last block
+def test_compiled_nvfp4_weight_scales_match_eager(shape, compiled):
+    """A tracked NVFP4 weight's scales (refreshed every QAT step) from the one fused kernel are
+    the eager ones: block amaxes, the global scale from the largest, E4M3 ratios (subnormal and
+    saturating ones included: magnitudes span 2^-24..2^14, and a block of zeros)."""
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-24, 14, shape, generator=g).float())
+    w[:3, :16] = 0.0
+    assert w.numel() >= N
+    scales, global_scale = qops.nvfp4_scales(w, axis=1, block_size=16)
+    qops.use_compiled_kernels(False)
+    eager_scales, eager_global = qops.nvfp4_scales(w, axis=1, block_size=16)
+    assert _same(scales, eager_scales) and _same(global_scale, eager_global)
+    assert (eager_scales == 2.0**-9).any() and (eager_scales == 448.0).any()
