@@ -25,10 +25,12 @@ quantizers removed from the graph).
 recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batch 64); 4× and 16×
 the steps (as many more tokens, and as many more optimizer updates); QDrop (each activation
 quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
-activations); LSQ-learned weight scales instead of tracked ones; QAD of a student whose weights or
+activations); LSQ-learned weight scales instead of tracked ones; the gradient passed through the
+activations' dynamic block scales as well (:class:`_ScaleGrad`); QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
-weight-only (w4a16): plain, with 4× the tokens, or with LSQ weight scales. ``--variant LABEL``
-(repeatable) runs only the variants of that label (``QAD``: the plain NVFP4 and w4a16 rows).
+weight-only (w4a16): plain, with 4× the tokens, 4× the steps, or with LSQ weight scales.
+``--variant LABEL`` (repeatable) runs only the variants of that label (``QAD``: the plain NVFP4
+and w4a16 rows); ``--recipes`` keeps only the variants of those recipes.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
 quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
@@ -41,7 +43,7 @@ Usage::
 
     .venv/bin/python benchmarks/study_qad.py --sensitivity
     .venv/bin/python benchmarks/study_qad.py [--models lm,cnn] [--recipes nvfp4,w4a16,int8] [--steps 400] [--lr 1e-4]
-    .venv/bin/python benchmarks/study_qad.py --ablation [--variant QAD --variant "QAD, 4x the steps"]
+    .venv/bin/python benchmarks/study_qad.py --ablation [--variant QAD --variant "QAD, 4x the steps"] [--recipes w4a16]
 
 Writes ``benchmarks/results_qad.json`` (``results_qad_ablation.json``) and prints markdown tables.
 ``torch.set_num_threads(2)``.
@@ -242,6 +244,7 @@ class Variant(NamedTuple):
     times: int = 1  # the steps multiplier
     qdrop: float = 0.0  # QDrop probability of the activation quantizers
     learn_weight_scales: bool = False  # LSQ weight scales instead of tracked ones
+    scale_grad: bool = False  # the gradient also flows through the dynamic block scales
 
 
 ABLATION = [
@@ -252,10 +255,12 @@ ABLATION = [
     Variant("nvfp4", "QAD, 16x the steps", times=16),
     Variant("nvfp4", "QAD, QDrop 0.5", qdrop=0.5),
     Variant("nvfp4", "QAD, LSQ weight scales", learn_weight_scales=True),
+    Variant("nvfp4", "QAD, gradient through the block scales", scale_grad=True),
     Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
     Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
     Variant("w4a16", "QAD"),
     Variant("w4a16", "QAD, 4x tokens (batch 64)", batch=64),
+    Variant("w4a16", "QAD, 4x the steps", times=4),
     Variant("w4a16", "QAD, LSQ weight scales", learn_weight_scales=True),
 ]
 
@@ -281,12 +286,51 @@ def _qdrop(gm: torch.fx.GraphModule, p: float) -> None:
             gm.set_submodule(node.target, _QDrop(module, p))
 
 
-def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]:
+class _ScaleGrad(torch.nn.Module):
+    """A dynamic NVFP4 activation quantizer whose gradient also flows through its block scales.
+
+    The values are the quantizer's. Its straight-through gradient treats each block's scale
+    ``s = e4m3(amax / (6 * global)) * global`` as a constant; here the scale's LSQ term is added:
+    ``out = q + (code - x / s) * (s - s.detach())`` is ``q`` in value, and in the backward each
+    block's largest value also receives ``sum(grad * (code - x / s)) * ds/d amax`` — how moving
+    the block maximum moves every value's rounding error (the E4M3 rounding passed straight
+    through). The study asks whether that lets the student learn FP4-friendlier activations.
+    """
+
+    def __init__(self, quantizer: FakeQuant) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer(x)
+        if not self.training:
+            return q
+        size = self.quantizer.spec.block_size
+        blocks = (*x.shape[:-1], x.shape[-1] // size, size)
+        g = self.quantizer.global_scale
+        ratio = (x.unflatten(-1, blocks[-2:]).abs().amax(-1, keepdim=True) / (6.0 * g)).clamp(2.0**-9, 448.0)
+        s = (ratio + (qops.e4m3_ratio(ratio.detach()) - ratio).detach()) * g
+        error = (q - x).detach().reshape(blocks) / s.detach()  # code - x / s
+        return q + (error * (s - s.detach())).reshape(x.shape)
+
+
+def _scale_grad(gm: torch.fx.GraphModule) -> None:
+    """Wrap every dynamic NVFP4 activation quantizer of ``gm`` in :class:`_ScaleGrad` (in place)."""
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and module.spec.dynamic and module.spec.scale_type == "fp8_e4m3":
+            gm.set_submodule(node.target, _ScaleGrad(module))
+
+
+def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list[str] | None = None) -> list[dict]:
     """QAD variants on the LM (:data:`ABLATION`), each from its recipe's calibrated start (see the
-    module docstring); ``only``: the labels of the variants to run (all when None)."""
+    module docstring); ``only``: the labels of the variants to run, ``recipes``: their recipes
+    (all when None)."""
     import tinylm
 
-    variants = [v for v in ABLATION if not only or v.label in only]
+    variants = [v for v in ABLATION if (not only or v.label in only) and (not recipes or v.recipe in recipes)]
+    if not variants:
+        raise SystemExit(f"no ablation variant is labelled {only} with a recipe in {recipes}")
     model = tinylm.teacher()  # trains it (about 10 minutes) unless cached
     calib = tinylm.calibration_batches(8, 32)
     log_t = tinylm.teacher_log_probs(model)
@@ -305,6 +349,8 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
             student = _without_quantizers(student, v.removed)
         if v.qdrop:
             _qdrop(student, v.qdrop)
+        if v.scale_grad:
+            _scale_grad(student)
         InsertDistillTaps(teacher, taps=v.taps, temperature=1.0)(student)
         t0 = time.perf_counter()
         history = _finetune(student, tinylm.batches("train", v.batch, tinylm.CONFIG["ctx"], seed=11),
@@ -312,7 +358,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None) -> list[dict]
         after = tinylm.score(student, log_t)
         closed = (before["kl"] - after["kl"]) / before["kl"]
         rows.append({"recipe": v.recipe, "variant": v.label, "steps": steps * v.times, "batch": v.batch, "lr": lr,
-                     "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales,
+                     "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales, "scale_grad": v.scale_grad,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
@@ -559,7 +605,7 @@ def main() -> None:
             share = f"{100 * r['kl_share']:.0f} %" if "kl_share" in r else ""
             print(f"| {r['variant']} | {r['kl']:.4f} | {share} | {r['ce']:.4f} |")
     elif args.ablation:
-        rows = ablation(args.steps, args.lr, args.variant)
+        rows = ablation(args.steps, args.lr, args.variant, args.recipes.split(","))
         print("\n| recipe | variant | KL before | KL after | KL gap closed | val CE before → after |\n|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['recipe']} | {r['variant']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} "
