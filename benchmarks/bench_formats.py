@@ -23,6 +23,7 @@ Cases (``x`` is (4096, 4096); "axis 1" blocks run along the rows' contiguous dim
 | nvfp4 weight | ``fake_quant_fmt(x, s, g, 1, 16, "fp4_e2m1")`` | ``nvfp4_scales(x, axis=1, block_size=16)`` |
 | nvfp4 dynamic | ``fake_quant_dynamic(x, g, 16, "fp4_e2m1", "fp8_e4m3")`` | g = ``nvfp4_global_scale(amax)``; block scales at run time |
 | mxfp8 dynamic | ``fake_quant_dynamic(x, 1, 32, "fp8_e4m3", "e8m0")`` | E8M0 block scales at run time |
+| nvfp4 weight scales | ``nvfp4_scales(x, axis=1, block_size=16)`` (what QAT recomputes every step for a tracked weight; writes 1/16 of N) | — |
 | mxfp4 dynamic | ``fake_quant_dynamic(x, 1, 32, "fp4_e2m1", "e8m0")`` | E8M0 block scales at run time |
 
 Each case runs with ``torch.set_num_threads(1)`` and then 2 (CPU), ``--warmup`` untimed calls then
@@ -41,7 +42,10 @@ Results are printed as a markdown table and written to ``benchmarks/results_form
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_formats.py [--repeats 7] [--warmup 2] [--size 4096]
+    .venv/bin/python benchmarks/bench_formats.py [--repeats 7] [--warmup 2] [--size 4096] [--cols N] [--compiled]
+
+``--compiled`` times the kernels QAT trains with (:func:`qgraph.qops.use_compiled_kernels`: each
+op's body fused by ``torch.compile``; the warm-up calls compile it), with grad off as in training.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def make_cases(x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
             x, nv_dyn_g, 16, "fp4_e2m1", "fp8_e4m3"
         ),
         "mxfp8 dynamic": lambda: ops.fake_quant_dynamic(x, one, 32, "fp8_e4m3", "e8m0"),
+        "nvfp4 weight scales (QAT's per-step refresh)": lambda: qops.nvfp4_scales(x, axis=1, block_size=16)[0],
         "mxfp4 dynamic": lambda: ops.fake_quant_dynamic(x, one, 32, "fp4_e2m1", "e8m0"),
     }
 
@@ -210,7 +215,7 @@ def run_device(
     for name, (med, times) in medians.items():
         err = (
             None
-            if name in ("torch.clone (limit)", "y.copy_(x)")
+            if name in ("torch.clone (limit)", "y.copy_(x)") or "scales" in name  # not a quantized copy of x
             else rel_rms_error(x, cases[name]())
         )
         rows.append(
@@ -273,16 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="the tensor is size x size")
+    parser.add_argument("--cols", type=int, default=None, help="size x cols instead (e.g. 2048 x 1024: an MLP input)")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per case (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument(
+        "--compiled", action="store_true", help="with qgraph.qops.use_compiled_kernels() (the QAT training kernels)"
+    )
     args = parser.parse_args(argv)
+    qops.use_compiled_kernels(args.compiled)
+    # in training the ops' bodies run with grad off (autograd's custom-op wrapper); with grad on a
+    # compiled kernel runs its eager body instead (kept for double backward)
+    torch.set_grad_enabled(not args.compiled)
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.size, args.size, generator=gen, dtype=torch.float32)
+    cols = args.cols or args.size
+    x = torch.randn(args.size, cols, generator=gen, dtype=torch.float32)
     n = x.numel()
     print(
-        f"tensor ({args.size}, {args.size}) float32, {n * 4 / 2**20:.0f} MiB; bytes counted per call "
+        f"tensor ({args.size}, {cols}) float32, {n * 4 / 2**20:.0f} MiB; bytes counted per call "
         f"2*4*N = {2 * 4 * n / 1e6:.1f} MB; median of {args.repeats} after {args.warmup} warm-up"
     )
     load_before = _loadavg()
@@ -321,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "bench_formats",
-        "command": ".venv/bin/python benchmarks/bench_formats.py",
-        "args": {"size": args.size, "repeats": args.repeats, "warmup": args.warmup},
+        "command": ".venv/bin/python benchmarks/bench_formats.py" + (" --compiled" if args.compiled else ""),
+        "args": {"size": args.size, "cols": cols, "repeats": args.repeats, "warmup": args.warmup, "compiled": args.compiled},
         "bytes_per_call": 2 * 4 * n,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -263,7 +263,7 @@ _FP8_LAYOUT = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}
 def _round_fp8_bits(y: Tensor, elem: Element) -> Tensor:
     """Round float32 ``y`` to an FP8 grid (half to even, saturating at ±max) in float32 and int32
     arithmetic: what a cast to torch's float8 type computes, as ops inductor vectorizes (the cast
-    compiles to one scalar conversion per value, 2.6x slower on a CPU).
+    compiles to one scalar conversion per value: about 2x slower on a CPU).
 
     A normal value keeps ``mantissa`` of float32's 23 fraction bits: add half an ulp of the
     target, less one, plus the lowest kept bit (ties to even), then clear the dropped bits; a carry
@@ -564,20 +564,16 @@ def _fake_quant_dynamic(
     order = rows_order(x)  # a view transposed in its leading axes: no copy
     xm = permute(x, order)
     rows = xm.reshape(-1, x.shape[-1])
-    elem = fmt.element(element)
-    # two kernels, not one: fused, inductor recomputes each block's scale in scalar code inside
-    # the loop over the values (1.5x slower on a CPU); apart, the scales are one small tensor
-    s = kernel(dynamic_scales, x.numel())(rows, global_scale, block_size, elem, scale_type)
-    out = kernel(_dynamic_apply, x.numel())(rows, s, block_size, elem)
+    out = kernel(_dynamic_forward, x.numel())(rows, global_scale, block_size, fmt.element(element), scale_type)
     return in_layout_of(unpermute(out.reshape(xm.shape), order), x)
 
 
 fake_quant_dynamic = torch.library.custom_op("qgraph::fake_quant_dynamic", mutates_args=())(_fake_quant_dynamic)
 
 
-def _dynamic_apply(x: Tensor, s: Tensor, block_size: int, elem: Element) -> Tensor:
-    """Quantize-dequantize ``x`` with its block scales ``s`` (:func:`dynamic_scales`)."""
+def _dynamic_forward(x: Tensor, global_scale: Tensor, block_size: int, elem: Element, scale_type: str) -> Tensor:
     n = x.shape[-1]
+    s = dynamic_scales(x, global_scale, block_size, elem, scale_type)
     xb = _blocks(x.to(torch.float32), -1, block_size)
     out = _round_(xb / s, elem).mul_(s).to(x.dtype)
     return out.reshape(*out.shape[:-2], -1)[..., :n]
