@@ -286,10 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         "--compiled", action="store_true", help="with qgraph.qops.use_compiled_kernels() (the QAT training kernels)"
     )
     args = parser.parse_args(argv)
-    qops.use_compiled_kernels(args.compiled)
-    # in training the ops' bodies run with grad off (autograd's custom-op wrapper); with grad on a
-    # compiled kernel runs its eager body instead (kept for double backward)
-    torch.set_grad_enabled(not args.compiled)
 
     gen = torch.Generator().manual_seed(0)
     cols = args.cols or args.size
@@ -304,20 +300,25 @@ def main(argv: list[str] | None = None) -> int:
     rows_by_config: dict[str, list[dict]] = {}
     limits: dict[str, float] = {}
     initial_threads = torch.get_num_threads()
+    previous_kernels = qops.use_compiled_kernels(args.compiled)
+    cuda_note = None
     try:
-        for t in THREADS:
-            label = f"cpu {t}t"
-            rows_by_config[label], limits[label] = run_device(x, args.warmup, args.repeats, t)
-            print(f"  {label}: done ({time.perf_counter() - start:.1f} s)", flush=True)
+        # in training the ops' bodies run with grad off (autograd's custom-op wrapper); with grad
+        # on, a compiled kernel runs its eager body instead (kept for double backward)
+        with torch.set_grad_enabled(not args.compiled):
+            for t in THREADS:
+                label = f"cpu {t}t"
+                rows_by_config[label], limits[label] = run_device(x, args.warmup, args.repeats, t)
+                print(f"  {label}: done ({time.perf_counter() - start:.1f} s)", flush=True)
+            torch.set_num_threads(initial_threads)
+            if torch.cuda.is_available():
+                label = f"cuda ({torch.cuda.get_device_name(0)})"
+                rows_by_config[label], limits[label] = run_device(x.cuda(), args.warmup, args.repeats, None)
+            else:
+                cuda_note = "CUDA not available (torch.cuda.is_available() is False): GPU timings skipped"
     finally:
         torch.set_num_threads(initial_threads)
-
-    cuda_note = None
-    if torch.cuda.is_available():
-        label = f"cuda ({torch.cuda.get_device_name(0)})"
-        rows_by_config[label], limits[label] = run_device(x.cuda(), args.warmup, args.repeats, None)
-    else:
-        cuda_note = "CUDA not available (torch.cuda.is_available() is False): GPU timings skipped"
+        qops.use_compiled_kernels(previous_kernels)
     total = time.perf_counter() - start
     load_after = _loadavg()
 

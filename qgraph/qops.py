@@ -371,10 +371,7 @@ def nvfp4_global_scale(amax: Tensor) -> Tensor:
 def e4m3_ratio(ratio: Tensor) -> Tensor:
     """NVFP4 block scales (as multiples of the global scale) on the E4M3 grid: clamped to
     [2**-9, 448] (E4M3's smallest subnormal and largest value), rounded half to even."""
-    ratio = ratio.clamp(2.0**-9, 448.0)
-    if torch.compiler.is_compiling() and ratio.dtype == torch.float32:
-        return _round_fp8_bits(ratio, _E4M3)
-    return ratio.to(torch.float8_e4m3fn).to(torch.float32)
+    return _round_(ratio.to(torch.float32).clamp(2.0**-9, 448.0), _E4M3)
 
 
 def _nvfp4_block_scale(block_amax_: Tensor, global_scale: Tensor) -> Tensor:
