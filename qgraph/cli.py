@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from qgraph._errors import InputError, QGraphError
 from qgraph.calibrators import CALIBRATORS
@@ -20,8 +21,16 @@ from qgraph.calibrators import CALIBRATORS
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``qgraph lower: error: ...``), not the usage
+    block followed by the error; ``--help`` still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qgraph", description="qgraph quantization compiler")
+    parser = _Parser(prog="qgraph", description="qgraph quantization compiler")
     sub = parser.add_subparsers(dest="command", required=True)
 
     lower = sub.add_parser("lower", help="quantize a model and lower it to QDQ ONNX")

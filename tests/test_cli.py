@@ -470,3 +470,30 @@ def test_bad_onnx_models_get_one_line_and_no_output(tmp_path, capsys, backend):
     w = numpy_helper.from_array(np.ones((8, 2), np.float32), "W")
     wider = _tiny_onnx(tmp_path / "mm.onnx", [helper.make_node("MatMul", ["x", "W"], ["y"])], [w], width=8, out=2)
     assert "the model expects (N, 8)" in _bad(tmp_path, wider, calib, capsys, "--backend", backend)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "required: command"),
+        (["lower"], "required: model, -o/--output"),
+        (["lower", "m.pt2", "-o", "o.onnx", "--calibrator", "minmax"], "invalid choice: 'minmax'"),
+        (["lower", "m.pt2", "-o", "o.onnx", "--batch-size", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_usage_mistakes_are_one_line(argv, expected, capsys):
+    """argparse's own errors: one line naming the problem and status 2, without the usage block."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "--help" in err, err
+
+
+def test_output_with_a_trailing_slash_is_refused(model_file, calib_file, tmp_path, capsys):
+    """``-o new/`` names a folder: without the check, Path() drops the slash and a file ``new`` appears."""
+    out = f"{tmp_path / 'new'}/"
+    assert main(["lower", str(model_file), "-o", out, "--calib", str(calib_file), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgraph: error: ") and err.count("\n") == 1 and "names a folder" in err, err
+    assert list(tmp_path.iterdir()) == []
