@@ -10,7 +10,7 @@ trainable parameters). ``remove-distill-taps`` restores the original graph; the 
 the taps themselves before export.
 
 Example:
-    >>> teacher = qgraph.capture(model, example)                     # doctest: +SKIP
+    >>> teacher = qgraph.capture(model, (example,))                  # doctest: +SKIP
     >>> InsertDistillTaps(teacher, taps={"add_3": 0.1})(student)     # doctest: +SKIP
     >>> output, loss = student(batch)                                # doctest: +SKIP
 """

@@ -447,3 +447,16 @@ def test_sequential_spec_joins_steps():
     seq = Sequential([FoldBatchNorm(), InsertObservers("mse"), InsertQDQ()])
     assert seq.spec() == "fold-batchnorm,insert-observers(calibrator=mse),insert-qdq"
     assert qgraph.format_spec(qgraph.parse_spec(seq.spec())) == seq.spec()
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (torch.randn(2, 8), r"write \(x,\), not x"),  # a bare tensor would be unpacked row by row
+        ((torch.randn(2, 8), 3), r"example_inputs\[1\] is of type int, not a tensor"),
+        ({"x": torch.randn(2, 8)}, "must be a tuple of tensors, got dict"),
+    ],
+)
+def test_capture_names_a_malformed_example(example, message):
+    with pytest.raises(qgraph.InputError, match=message):
+        qgraph.capture(nn.Linear(8, 4), example)
