@@ -89,8 +89,8 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _calibrated(model: torch.nn.Module, example: torch.Tensor, recipe: str, calib: list) -> torch.fx.GraphModule:
-    gm = qgraph.capture(model, (example,))
+def _calibrated(model: torch.nn.Module, example: torch.Tensor | tuple, recipe: str, calib: list) -> torch.fx.GraphModule:
+    gm = qgraph.capture(model, example if isinstance(example, tuple) else (example,))
     Sequential(
         [FoldBatchNorm(), Annotate(tensorrt.RULES[recipe], fallback=True), InsertObservers("max"), Calibrate(calib)]
     )(gm)
@@ -112,7 +112,8 @@ def _param_groups(gm: torch.nn.Module) -> list[dict]:
 
 
 def _finetune(gm: torch.fx.GraphModule, batches, loss_fn, steps: int, lr: float, label: str) -> list[float]:
-    """Train ``gm`` in place; ``loss_fn(output, batch)`` (QAD: output is ``(logits, kl)``)."""
+    """Train ``gm`` in place on ``(inputs, targets)`` batches (a tuple of inputs is unpacked);
+    ``loss_fn(output, targets)`` (QAD: output is ``(logits, kl)``)."""
     gm.train()
     params = [p for p in gm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(_param_groups(gm), lr=lr, weight_decay=0.0)
@@ -122,7 +123,7 @@ def _finetune(gm: torch.fx.GraphModule, batches, loss_fn, steps: int, lr: float,
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr) * group["relative_lr"]
         inputs, targets = next(batches)
-        loss = loss_fn(gm(inputs), targets)
+        loss = loss_fn(gm(*inputs) if isinstance(inputs, tuple) else gm(inputs), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
