@@ -27,13 +27,14 @@ def _batch_dynamic_shapes(example_inputs: tuple[torch.Tensor, ...]) -> tuple:
     return tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example_inputs)
 
 
-def _check_example_inputs(example_inputs: object) -> None:
-    """One tensor per model input, in a tuple or list: a bare tensor would be unpacked row by row."""
+def _check_example_inputs(example_inputs: object, tensors_only: bool) -> None:
+    """A tuple or list with one value per model input (a bare tensor would be unpacked row by row);
+    ``tensors_only``: each a tensor, as a dynamic batch axis needs."""
     if isinstance(example_inputs, torch.Tensor):
         raise InputError("example_inputs must be a tuple with one tensor per model input: write (x,), not x")
     if not isinstance(example_inputs, (tuple, list)):
         raise InputError(f"example_inputs must be a tuple of tensors, got {type(example_inputs).__name__}")
-    for i, value in enumerate(example_inputs):
+    for i, value in enumerate(example_inputs if tensors_only else ()):
         if not isinstance(value, torch.Tensor):
             raise InputError(f"example_inputs[{i}] is of type {type(value).__name__}, not a tensor (one tensor per model input)")
 
@@ -42,7 +43,7 @@ def export_program(
     module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *, dynamic_batch: bool = True
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` with axis 0 of every input dynamic (unless ``dynamic_batch=False``)."""
-    _check_example_inputs(example_inputs)
+    _check_example_inputs(example_inputs, tensors_only=dynamic_batch)
     shapes = _batch_dynamic_shapes(example_inputs) if dynamic_batch else None
     params = inspect.signature(module.forward).parameters.values()
     if shapes is not None and any(p.kind is p.VAR_POSITIONAL for p in params):
@@ -105,11 +106,13 @@ def capture(
 
     Args:
         module: the model; it is copied, never modified.
-        example_inputs: one tensor per input; use a batch of at least 2 (1 would specialise it).
+        example_inputs: a tuple with one tensor per input; use a batch of at least 2 (1 would
+            specialise it). With ``dynamic_batch=False`` or ``dynamic_shapes``, any value
+            ``torch.export`` takes.
         dynamic_batch: make axis 0 of every input dynamic.
         dynamic_shapes: torch.export ``dynamic_shapes`` to use instead (overrides ``dynamic_batch``).
     """
-    _check_example_inputs(example_inputs)
+    _check_example_inputs(example_inputs, tensors_only=dynamic_shapes is None and dynamic_batch)
     module = copy.deepcopy(module).eval()
     if dynamic_shapes is not None:
         program = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)

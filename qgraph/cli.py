@@ -22,11 +22,11 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (``qgraph lower: error: ...``), not the usage
-    block followed by the error; ``--help`` still prints the full usage."""
+    """argparse, but a usage mistake is one line (``qgraph: error: ...``), not the usage block
+    followed by the error; ``--help`` still prints the full usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"qgraph: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:

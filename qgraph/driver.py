@@ -276,7 +276,8 @@ def _lower(module, gm: torch.fx.GraphModule, example: tuple, form: str) -> bytes
 
 def check_writable(path: str | Path) -> Path:
     """Fail early (before any work) if ``path`` cannot be written."""
-    if str(path).endswith(("/", os.sep)):  # Path() drops the slash: "out/new/" would write a file "new"
+    # Path() drops a trailing "/" or "/.": "out/new/" would write a file named "new"
+    if os.path.basename(str(path)) in ("", ".", ".."):
         raise InputError(f"{path}: names a folder; give the file to write")
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")

@@ -479,6 +479,7 @@ def test_bad_onnx_models_get_one_line_and_no_output(tmp_path, capsys, backend):
         (["lower"], "required: model, -o/--output"),
         (["lower", "m.pt2", "-o", "o.onnx", "--calibrator", "minmax"], "invalid choice: 'minmax'"),
         (["lower", "m.pt2", "-o", "o.onnx", "--batch-size", "many"], "invalid int value: 'many'"),
+        (["lower", "m.pt2", "-o", "o.onnx", "--nope"], "unrecognized arguments: --nope"),
     ],
 )
 def test_usage_mistakes_are_one_line(argv, expected, capsys):
@@ -487,12 +488,13 @@ def test_usage_mistakes_are_one_line(argv, expected, capsys):
         main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and expected in err and "--help" in err, err
+    assert err.startswith("qgraph: error: ") and err.count("\n") == 1 and expected in err and "--help" in err, err
 
 
-def test_output_with_a_trailing_slash_is_refused(model_file, calib_file, tmp_path, capsys):
+@pytest.mark.parametrize("suffix", ["/", "/."])
+def test_output_naming_a_folder_is_refused(model_file, calib_file, tmp_path, capsys, suffix):
     """``-o new/`` names a folder: without the check, Path() drops the slash and a file ``new`` appears."""
-    out = f"{tmp_path / 'new'}/"
+    out = f"{tmp_path / 'new'}{suffix}"
     assert main(["lower", str(model_file), "-o", out, "--calib", str(calib_file), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qgraph: error: ") and err.count("\n") == 1 and "names a folder" in err, err

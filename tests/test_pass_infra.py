@@ -460,3 +460,12 @@ def test_sequential_spec_joins_steps():
 def test_capture_names_a_malformed_example(example, message):
     with pytest.raises(qgraph.InputError, match=message):
         qgraph.capture(nn.Linear(8, 4), example)
+
+
+def test_capture_with_a_static_batch_takes_what_torch_export_takes():
+    class Scaled(nn.Module):
+        def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+            return x * k
+
+    gm = qgraph.capture(Scaled(), (torch.ones(2, 3), 3), dynamic_batch=False)
+    assert torch.equal(gm(torch.ones(2, 3), 3), torch.full((2, 3), 3.0))
