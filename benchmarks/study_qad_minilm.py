@@ -42,13 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import study_qad  # noqa: E402
-from minilm import encode, load_minilm, sentences  # noqa: E402
+from minilm import cosine, encode, load_minilm, sentences  # noqa: E402
 
 import qgraph  # noqa: E402
 from qgraph import qops  # noqa: E402
@@ -60,18 +59,15 @@ SEQ, N_CALIB, N_EVAL, BATCH = 64, 128, 64, 16
 
 
 def _cosines(out: torch.Tensor | np.ndarray, ref: torch.Tensor) -> dict:
-    out = torch.as_tensor(out)
-    cos = F.cosine_similarity(out.double(), ref.double(), dim=1)
+    cos = cosine(torch.as_tensor(out), ref)
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
 
-def _train_batches(tokenizer, held_out: set[str]):
-    """Endless batches of ``BATCH`` tokenised stdlib sentences outside calibration and evaluation."""
-    texts = [s for s in sentences(5000, seed=1) if s not in held_out]
-    ids, mask = encode(tokenizer, texts, SEQ)
+def _train_batches(ids: torch.Tensor, mask: torch.Tensor):
+    """Endless batches of ``BATCH`` rows of the tokenised training sentences (the same seed each time)."""
     g = torch.Generator().manual_seed(11)
     while True:
-        idx = torch.randint(0, len(texts), (BATCH,), generator=g)
+        idx = torch.randint(0, len(ids), (BATCH,), generator=g)
         yield (ids[idx], mask[idx]), None
 
 
@@ -103,6 +99,10 @@ def main() -> None:
     example = (ids[:2], mask[:2])
     with torch.no_grad():
         ref = model(ids, mask)
+    # training sentences: other stdlib sentences than the calibration and evaluation ones
+    held_out = set(texts)
+    train = encode(tokenizer, [s for s in sentences(5000, seed=1) if s not in held_out], SEQ)
+    teacher = qgraph.capture(model, example)  # insert-distill-taps copies it per student
 
     def scored(gm: torch.fx.GraphModule) -> dict:
         gm.eval()
@@ -130,7 +130,6 @@ def main() -> None:
         base: torch.fx.GraphModule, label: str, unquantized: str | None, token_tap: bool
     ) -> tuple[dict, list[float], float]:
         student = copy.deepcopy(base)
-        teacher = qgraph.capture(model, example)
         InsertFakeQuant()(student)
         if unquantized:  # "activation": the quantizers of that role taken out of the student
             student = study_qad._without_quantizers(student, unquantized)
@@ -139,7 +138,7 @@ def main() -> None:
         t0 = time.perf_counter()
         history = study_qad._finetune(
             student,
-            _train_batches(tokenizer, set(texts)),
+            _train_batches(*train),
             lambda out, _: out[1],
             args.steps,
             args.lr,
