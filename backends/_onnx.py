@@ -56,7 +56,8 @@ def export_onnx(
     from qgraph.quant import prepare_for_export
 
     prepare_for_export(gm)  # QAT: scales of the final weights; learned scales kept positive
-    gm = _without_distill_taps(gm)
+    student = _without_distill_taps(gm)
+    gm = _learned_scales_frozen(student, copy=student is gm)
     if form == "reference":
         gm = decode_weights(gm)
     table = _translate.deploy_table() if form == "deploy" else _translate.reference_table()
@@ -308,6 +309,27 @@ def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     gm = copy.deepcopy(gm)
     RemoveDistillTaps()(gm)
+    return gm
+
+
+def _learned_scales_frozen(gm: torch.fx.GraphModule, copy: bool) -> torch.fx.GraphModule:
+    """``gm`` with its learned per-tensor scales as 0-d buffers (a copy if ``copy``), so each is
+    exported as the scalar initializer it names (``fq_x.scale``), not a reshape of a one-element
+    parameter; ``gm`` itself if it learns none."""
+    import copy as copy_module
+
+    from qgraph.quant import FakeQuant
+
+    def learned(m: torch.nn.Module) -> bool:
+        return isinstance(m, FakeQuant) and m.learnable and m.per_tensor
+
+    if not any(learned(m) for m in gm.modules()):
+        return gm
+    if copy:
+        gm = copy_module.deepcopy(gm)
+    for m in gm.modules():
+        if learned(m):  # a learned scale is neither tracked nor observed: nothing else to keep
+            m.configure_training(learn_scale=False)
     return gm
 
 

@@ -151,7 +151,7 @@ def _qparams(graph: ir.Graph, value: ir.Value, fq: FakeQuant) -> tuple[ir.Value,
     (QuantizeLinear/DequantizeLinear take x and its scale in one type: float16 models)."""
     spec = fq.spec
     dtype = value.dtype.numpy() if value.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else np.float32
-    scale = fq.scale.detach().numpy().astype(dtype)
+    scale = fq.scale_value().detach().numpy().astype(dtype)
     if dtype != np.float32:  # a scale rounded to 0 would be invalid
         scale = np.maximum(scale, np.array(np.finfo(np.float16).smallest_subnormal, dtype))
     if spec.is_int8:

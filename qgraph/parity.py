@@ -250,7 +250,7 @@ def check_codes(
 
     def hook(mod, args, out, name):  # noqa: ANN001, ANN202
         x = args[0].detach()
-        codes = torch.clamp(torch.round(x / mod.scale) + mod.zero_point.float(), mod.spec.qmin, mod.spec.qmax)
+        codes = torch.clamp(torch.round(x / mod.scale_value()) + mod.zero_point.float(), mod.spec.qmin, mod.spec.qmax)
         torch_codes[name] = codes.numpy().astype(np.int32) - mod.zero_point.numpy().astype(np.int32)
 
     hooks = [
@@ -268,7 +268,7 @@ def check_codes(
     with torch.no_grad():
         for name, parts, axis, got, (lo, hi) in zip(order, onnx_q_inputs, concat_axes, onnx_codes, code_ranges):
             module = gm.get_submodule(name)
-            scale = module.scale.numpy()
+            scale = module.scale_value().detach().numpy()
             pieces = []
             for q_in, bounds in parts:
                 piece = module(torch.from_numpy(np.asarray(q_in))).numpy()

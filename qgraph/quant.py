@@ -312,14 +312,36 @@ class FakeQuant(torch.nn.Module):
         if learn_scale and not self.learnable:
             scale = self.scale.detach().clone()
             del self.scale
-            self.scale = torch.nn.Parameter(scale)
+            # FSDP2 (fully_shard) shards no 0-d parameter: a per-tensor scale is learned as a
+            # one-element vector, read back as a scalar (:meth:`scale_value`)
+            self.scale = torch.nn.Parameter(scale.reshape(1) if scale.dim() == 0 else scale)
             # what calibration gave, to catch a learned scale the optimizer drove to ~0
-            self.register_buffer("calibrated_scale", scale.clone(), persistent=False)
+            self.register_buffer("calibrated_scale", self.scale.detach().clone(), persistent=False)
         elif not learn_scale and self.learnable:
-            scale = self.scale.detach().clone()
+            scale = self.scale_value().detach().clone()
             del self.scale
             self.register_buffer("scale", scale)
         return changed
+
+    def scale_value(self) -> Tensor:
+        """The scale in its quantizer's shape: 0-d per tensor (a learned one is held as a
+        one-element vector), 1-d per channel, blocked otherwise."""
+        scale = self.scale
+        return scale.reshape(()) if self.learnable and self.per_tensor else scale
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether one scale covers the whole tensor (no axis, no blocks)."""
+        return self.spec.axis is None and not self.spec.block_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        # a per-tensor scale saved learned (one-element vector) loads into a frozen one (0-d),
+        # and the other way round
+        key = prefix + "scale"
+        saved = state_dict.get(key)
+        if saved is not None and self.per_tensor and saved.numel() == 1 and saved.shape != self.scale.shape:
+            state_dict[key] = saved.reshape(self.scale.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def refresh(self, weight: Tensor) -> None:
@@ -374,7 +396,7 @@ class FakeQuant(torch.nn.Module):
             self._observe(x)
         if tracking:
             self.refresh(x)
-        scale = self.scale
+        scale = self.scale_value()
         global_scale = getattr(self, "global_scale", None)
         if observing or tracking:
             # the buffers change again on the next call: the op must keep its own copies for

@@ -130,6 +130,33 @@ def test_lsq_scales_receive_gradients_and_training_lowers_with_parity():
     assert tensorrt.inspect_model(onnx.load_from_string(onnx_bytes)).violations == []
 
 
+def test_learned_per_tensor_scale_is_a_vector_that_reads_and_loads_as_a_scalar():
+    """FSDP2 shards no 0-d parameter, so a learned per-tensor scale is a one-element vector;
+    ``scale_value`` and the lowering see the scalar, and state dicts load across the two forms."""
+    gm, data = _calibrated()
+    frozen = copy.deepcopy(gm)
+    InsertFakeQuant()(frozen)
+    InsertFakeQuant(learn_scales=True)(gm)
+    act = gm.get_submodule("fq_x")
+    assert act.learnable and act.scale.shape == (1,) and act.scale_value().shape == ()
+    assert frozen.get_submodule("fq_x").scale.shape == ()
+    with torch.no_grad():
+        act.scale.mul_(1.5)  # as if trained
+    assert torch.equal(gm(data[0]), _with_state(frozen, gm.state_dict())(data[0]))
+    relearned = copy.deepcopy(gm)
+    relearned.load_state_dict(frozen.state_dict())  # a 0-d scale into the one-element parameter
+    assert float(relearned.get_submodule("fq_x").scale) == float(frozen.get_submodule("fq_x").scale)
+    model = onnx.load_from_string(tensorrt.lower(gm, (data[1],)))
+    scalars = {i.name for i in model.graph.initializer if not i.dims}
+    assert {"fq_x.scale", "fq_relu.scale", "fq_relu_1.scale"} <= scalars  # the quantizer's name, a scalar
+    assert gm.get_submodule("fq_x").learnable  # lowering froze a copy, not the trained graph
+
+
+def _with_state(gm, state):
+    gm.load_state_dict(state)
+    return gm
+
+
 def test_observe_steps_widen_the_activation_range():
     gm, data = _calibrated()
     InsertFakeQuant(observe_steps=1)(gm)
