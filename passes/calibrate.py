@@ -15,6 +15,12 @@ onnxruntime's per-run cost once, not per batch, and every calibrator ends with t
 statistics (histograms are exact under any grouping). This treats samples as independent, as
 inference models do; a model that fails on joined batches (a batch size fixed inside) is run
 batch by batch from then on, and ``run_bytes=0`` runs batches as given.
+
+Under torch.distributed (torchrun) each rank calibrates on its own share of the data and, at the
+end, the observers' histograms are merged across the ranks (:func:`all_reduce_histograms`): every
+rank ends with the statistics one process would have collected from all the data, so every
+calibrator picks the same range on every rank. Every rank must then run the pass (a rank with no
+batches takes part with empty statistics); ``merge_ranks=False`` keeps each rank's own statistics.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
+from qgraph.calibrators import all_reduce_histograms
 from qgraph.observers import Observer
 from qgraph.onnx_graph import OBSERVERS_META, session
 from qgraph.passes._util import batch_args
@@ -37,25 +44,54 @@ __all__ = ["Calibrate"]
 
 
 class Calibrate(Pass):
-    """Feed calibration batches through un-calibrated observers. Counts: ``batches``, ``observers``.
+    """Feed calibration batches through un-calibrated observers. Counts: ``batches``, ``observers``
+    (and ``ranks`` where statistics were merged across torch.distributed ranks; ``batches`` is
+    then the sum over the ranks).
 
     Args:
         data: an iterable of batches; re-iterable if the pass is to run more than once.
         progress: show a progress bar (tqdm) while calibrating.
         run_bytes: ONNX models: the most bytes of observed tensors one onnxruntime run may
             return (consecutive batches are concatenated up to it; 0 runs every batch alone).
+        merge_ranks: merge the statistics across the ranks of torch.distributed's default group
+            (None: when it is initialized with more than one rank). Every rank must run the pass.
     """
 
     name = "calibrate"
     graphs = ("fx", "onnx")
     context_keys = ("data", "progress")
 
-    def __init__(self, data: Iterable = (), progress: bool = False, run_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, data: Iterable = (), progress: bool = False, run_bytes: int = 64 << 20, merge_ranks: bool | None = None
+    ) -> None:
         if isinstance(run_bytes, bool) or not isinstance(run_bytes, int) or run_bytes < 0:
             raise PreconditionError(f"run_bytes must be an integer >= 0, got {run_bytes!r}")
+        if merge_ranks not in (None, True, False):
+            raise PreconditionError(f"merge_ranks must be True, False or None, got {merge_ranks!r}")
         self.data = data
         self.progress = progress
         self.run_bytes = run_bytes
+        self.merge_ranks = merge_ranks
+
+    def _finish(self, fresh: list[Observer], batches: int) -> dict[str, int]:
+        """Merge the fresh observers' statistics across ranks (when asked or distributed) and
+        check that some data was seen; returns the pass's counts."""
+        ranks = _world_size() if self.merge_ranks is not False else 1
+        if self.merge_ranks and ranks == 1 and not _distributed():
+            raise PreconditionError("merge_ranks=True needs torch.distributed initialized (torchrun)")
+        counts = {"batches": batches, "observers": len(fresh)}
+        if ranks > 1:
+            import torch.distributed as dist
+
+            seen = torch.tensor([batches] + [m.batches for m in fresh], dtype=torch.int64)
+            dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+            all_reduce_histograms([m.hist for m in fresh])
+            for m, n in zip(fresh, seen[1:].tolist()):
+                m.batches = n
+            counts.update(batches=int(seen[0]), ranks=ranks)
+        if counts["batches"] == 0:
+            raise QGraphError("calibration data is empty")
+        return counts
 
     def call(self, graph: torch.fx.GraphModule | ir.Model) -> PassResult:
         if isinstance(graph, ir.Model):
@@ -83,9 +119,7 @@ class Calibrate(Pass):
         finally:
             for m in observers:
                 m.enabled = True
-        if batches == 0:
-            raise QGraphError("calibration data is empty")
-        return PassResult(graph, True, {"batches": batches, "observers": len(fresh)})
+        return PassResult(graph, True, self._finish(fresh, batches))
 
     def _call_onnx(self, model: ir.Model) -> PassResult:
         """Run the model in onnxruntime with the observed tensors as extra outputs, run by run;
@@ -150,9 +184,15 @@ class Calibrate(Pass):
                 pending_signature, rows = signature, rows + n
             if pending:
                 run(pending)
-        if state["batches"] == 0:
-            raise QGraphError("calibration data is empty")
-        return PassResult(model, True, {"batches": state["batches"], "observers": sum(map(len, fresh.values()))})
+        return PassResult(model, True, self._finish([m for ms in fresh.values() for m in ms], state["batches"]))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def _shared_batch_dim(model: ir.Model) -> ir.SymbolicDim | None:

@@ -4,6 +4,7 @@
 batch exceeds the covered range, adjacent bins are merged in pairs and the width doubles, so the
 histogram stays exact (no re-binning error), its memory stays bounded (at most ``bins``
 counters), and two histograms — from two batches or two processes — merge exactly and in any order.
+:func:`all_reduce_histograms` merges them across the ranks of a torch.distributed job.
 
 Calibrators turn the histogram into an ``amax`` (the clipping threshold of a symmetric range):
 
@@ -25,7 +26,7 @@ import torch
 
 from qgraph._errors import QGraphError
 
-__all__ = ["AbsHistogram", "CALIBRATORS", "compute_amax"]
+__all__ = ["AbsHistogram", "CALIBRATORS", "compute_amax", "all_reduce_histograms"]
 
 #: Calibrator names accepted by ``InsertObservers`` and ``--calibrator``.
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
@@ -171,12 +172,8 @@ class AbsHistogram:
             self.width, self.counts, self.zeros = other.width, other.counts.clone(), 0
             self._add_zeros(zeros)
             return
-        theirs = other.counts
-        their_width = other.width
-        while their_width < self.width:
-            if theirs.numel() % 2:
-                theirs = torch.cat([theirs, theirs.new_zeros(1)])
-            theirs, their_width = theirs.view(-1, 2).sum(1), their_width * 2
+        theirs = _coarsened(other.counts, other.width, self.width)
+        their_width = max(other.width, self.width)
         while self.width < their_width:
             self._grow(self.bins + 1)  # forces one pairwise merge
         self._grow(max(self.counts.numel(), theirs.numel()))
@@ -193,6 +190,56 @@ class AbsHistogram:
         counts = self.counts.numpy().astype(np.float64)
         nonzero = np.flatnonzero(counts)
         return counts[: nonzero[-1] + 1] if nonzero.size else counts, float(self.width or 0.0)
+
+
+def all_reduce_histograms(hists: list[AbsHistogram], group=None) -> None:  # noqa: ANN001
+    """Merge each histogram with its counterparts on every rank of ``group`` (torch.distributed).
+
+    Every rank passes its histograms in the same order (the same observers); afterwards each
+    holds, on every rank, exactly the histogram one process would have built from all ranks'
+    data: the bin width is a power of two fixed by the running max, so each rank coarsens its
+    bins to the widest rank's width without error, and the counts add. Three collectives in all
+    (max of the ranges, sum of the totals, sum of the bins), whatever the number of histograms.
+    """
+    import torch.distributed as dist
+
+    if not hists:
+        return
+    # the largest |x| and bin width per histogram (0: only zeros, or counts not tracked)
+    ranges = torch.tensor([[h.amax, h.width or 0.0] for h in hists], dtype=torch.float64)
+    dist.all_reduce(ranges, op=dist.ReduceOp.MAX, group=group)
+    totals = torch.tensor([[h.total, h.zeros] for h in hists], dtype=torch.int64)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    parts, lengths = [], []
+    for h, (amax, width), (total, zeros) in zip(hists, ranges.tolist(), totals.tolist()):
+        h.amax, h.total = amax, total
+        if not h.track_counts or width == 0.0:  # nothing binned anywhere yet: zeros wait for a width
+            h.zeros = zeros if h.track_counts else 0
+            continue
+        n = math.floor(amax / width) + 1  # the bins of the merged histogram (as _see sizes them)
+        if h.width is None:  # this rank saw no non-zero value: its zeros go to bin 0
+            mine = torch.zeros(n, dtype=torch.int64)
+            mine[0] = h.zeros
+        else:
+            mine = _coarsened(h.counts, h.width, width)[:n]  # bins past the max are empty
+            mine = torch.cat([mine, mine.new_zeros(n - mine.numel())])
+        parts.append(mine)
+        lengths.append((h, width, n))
+    if not parts:
+        return
+    merged = torch.cat(parts)
+    dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=group)
+    for (h, width, _), counts in zip(lengths, merged.split([n for *_, n in lengths])):
+        h.width, h.counts, h.zeros = width, counts.clone(), 0
+
+
+def _coarsened(counts: torch.Tensor, width: float, to: float) -> torch.Tensor:
+    """``counts`` of bins of ``width`` summed pairwise into bins of the power-of-two multiple ``to``."""
+    while width < to:
+        if counts.numel() % 2:
+            counts = torch.cat([counts, counts.new_zeros(1)])
+        counts, width = counts.view(-1, 2).sum(1), width * 2
+    return counts
 
 
 _SCRATCH = threading.local()

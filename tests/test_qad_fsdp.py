@@ -60,4 +60,4 @@ def test_two_rank_fsdp_qad_matches_ddp_and_lowers(tmp_path):
     model = onnx.load_from_string(onnx_bytes)
     assert tensorrt.inspect_model(model).violations == []
     per_tensor = [i.name for i in model.graph.initializer if i.name.endswith(".scale") and len(i.dims) == 0]
-    assert sorted(per_tensor) == ["fq_relu.scale", "fq_relu_1.scale", "fq_x.scale"]  # scalars, as TensorRT needs
+    assert sorted(per_tensor) == ["fq_relu.scale", "fq_relu_1.scale", "fq_x.scale"]  # TensorRT needs scalars

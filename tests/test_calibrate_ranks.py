@@ -1,0 +1,115 @@
+"""calibrate under torchrun (two gloo ranks, CPU): each rank calibrates on its share of the data
+and the observers' histograms are merged, so every calibrator gives every rank exactly the range
+one process gets from all the data — on the torch graph and on the ONNX model, with even shares
+and with one rank given nothing; ``merge_ranks=False`` keeps each rank's own statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import qgraph
+from qgraph import PreconditionError, Sequential
+from qgraph.backends.tensorrt import INT8
+from qgraph.calibrators import CALIBRATORS
+from qgraph.examples.zoo import make
+from qgraph.observers import Observer
+from qgraph.onnx_graph import OBSERVERS_META, load_onnx_model
+from qgraph.passes import Annotate, Calibrate, InsertObservers
+
+#: six batches of different spreads (the ranks' ranges differ: the merge must coarsen bins)
+DATA = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) * (1.0 + 0.7 * i) for i in range(6)]
+
+
+@functools.cache
+def _fx(calibrator: str) -> torch.fx.GraphModule:
+    model, x = make("mlp")
+    gm = qgraph.capture(model, (x,))
+    Sequential([Annotate(INT8), InsertObservers(calibrator)])(gm)
+    return gm
+
+
+def fx_observed(calibrator: str) -> torch.fx.GraphModule:
+    """The zoo MLP with observers of ``calibrator``, not calibrated."""
+    return copy.deepcopy(_fx(calibrator))
+
+
+@functools.cache
+def _onnx_file() -> Path:
+    model, x = make("mlp")
+    path = Path(tempfile.mkdtemp(prefix="qgraph-ranks-")) / "mlp.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(model, (x,), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim.AUTO},)).save(str(path))
+    return path
+
+
+def onnx_observed(calibrator: str):
+    """The zoo MLP as an ONNX model (onnx-ir) with observers of ``calibrator``."""
+    m = load_onnx_model(_onnx_file())
+    Sequential([Annotate(INT8), InsertObservers(calibrator)])(m)
+    return m
+
+
+def _ranges(graph) -> dict[str, list]:  # also used by the worker
+    """Each observer's [amax, values seen] (+ batches on the torch graph: the ONNX door counts
+    onnxruntime runs, which join batches)."""
+    if isinstance(graph, torch.fx.GraphModule):
+        observers = {n: m for n, m in graph.named_modules() if isinstance(m, Observer)}
+        return {n: [m.amax(), m.hist.total, m.batches] for n, m in observers.items()}
+    observers = {f"{name}:{i}": m for (name, i), m in graph.graph.meta[OBSERVERS_META].items()}
+    return {n: [m.amax(), m.hist.total] for n, m in observers.items()}
+
+
+def _single(build, calibrator: str, data) -> dict[str, list]:
+    graph = build(calibrator)
+    Calibrate(data)(graph)
+    return _ranges(graph)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    worker = Path(__file__).with_name("calibrate_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("share", ["even", "uneven"])
+def test_merged_ranges_equal_one_process_on_all_the_data(ranks, share):
+    for calibrator in CALIBRATORS:
+        for kind, build in (("fx", fx_observed), ("onnx", onnx_observed)):
+            key = f"{share} {calibrator} {kind}"
+            expected = _single(build, calibrator, DATA)
+            assert len(expected) == 3 if kind == "fx" else len(expected) >= 3
+            for r in (0, 1):
+                assert ranks[r][key]["ranges"] == expected, (key, r)  # exact: amax, batches, values seen
+                assert ranks[r][key]["counts"] == {"batches": 6, "observers": len(expected), "ranks": 2}, key
+
+
+def test_merge_ranks_false_keeps_each_ranks_own(ranks):
+    for r in (0, 1):
+        assert ranks[r]["own max fx"]["ranges"] == _single(fx_observed, "max", DATA[r::2])
+        assert ranks[r]["own max fx"]["counts"] == {"batches": 3, "observers": 3}
+    assert ranks[0]["own max fx"]["ranges"] != ranks[1]["own max fx"]["ranges"]
+
+
+def test_merge_ranks_needs_a_process_group():
+    with pytest.raises(PreconditionError, match="torch.distributed"):
+        Calibrate(DATA, merge_ranks=True)(fx_observed("max"))
+    with pytest.raises(PreconditionError, match="merge_ranks"):
+        Calibrate(DATA, merge_ranks="yes")
