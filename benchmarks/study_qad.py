@@ -26,7 +26,8 @@ recipe; with MSE taps on the four blocks' residual outputs; 4× the tokens (batc
 the steps (as many more tokens, and as many more optimizer updates); QDrop (each activation
 quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
 activations); LSQ-learned weight scales instead of tracked ones; the gradient passed through the
-activations' dynamic block scales as well (:class:`_ScaleGrad`); QAD of a student whose weights or
+activations' dynamic block scales as well (:class:`_ScaleGrad`); a penalty on the FP4 activations'
+relative rounding error added to the loss (:class:`_RoundPenalty`); QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
 weight-only (w4a16): plain, with 4× the tokens, 4× the steps, or with LSQ weight scales.
 ``--variant LABEL`` (repeatable) runs only the variants of that label (``QAD``: the plain NVFP4
@@ -246,6 +247,7 @@ class Variant(NamedTuple):
     qdrop: float = 0.0  # QDrop probability of the activation quantizers
     learn_weight_scales: bool = False  # LSQ weight scales instead of tracked ones
     scale_grad: bool = False  # the gradient also flows through the dynamic block scales
+    round_penalty: float = 0.0  # weight of the FP4 activations' relative rounding error in the loss
 
 
 ABLATION = [
@@ -257,6 +259,8 @@ ABLATION = [
     Variant("nvfp4", "QAD, QDrop 0.5", qdrop=0.5),
     Variant("nvfp4", "QAD, LSQ weight scales", learn_weight_scales=True),
     Variant("nvfp4", "QAD, gradient through the block scales", scale_grad=True),
+    Variant("nvfp4", "QAD + activation rounding penalty 1", round_penalty=1.0),
+    Variant("nvfp4", "QAD + activation rounding penalty 10", round_penalty=10.0),
     Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
     Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
     Variant("w4a16", "QAD"),
@@ -323,6 +327,38 @@ def _scale_grad(gm: torch.fx.GraphModule) -> None:
             gm.set_submodule(node.target, _ScaleGrad(module))
 
 
+class _RoundPenalty(torch.nn.Module):
+    """A dynamic FP4 activation quantizer that also records its relative rounding error.
+
+    The straight-through gradient passes ``x`` through the rounding as if it were the identity,
+    so nothing tells the student that an activation nearer a grid point costs less. In training
+    this records ``mean((x - q)^2) / mean(x^2)`` with ``q`` held constant, whose gradient pulls
+    every value towards its code (bin regularisation, Han et al. 2021, applied to activations);
+    the loss adds the mean over quantizers, weighted. The values are the quantizer's.
+    """
+
+    def __init__(self, quantizer: FakeQuant, sink: list) -> None:
+        super().__init__()
+        self.quantizer, self.sink = quantizer, sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer(x)
+        if self.training:
+            self.sink.append((x - q.detach()).pow(2).mean() / x.detach().pow(2).mean().clamp_min(1e-12))
+        return q
+
+
+def _round_penalty(gm: torch.fx.GraphModule) -> list:
+    """Wrap every dynamic FP4 activation quantizer of ``gm`` in :class:`_RoundPenalty` (in place);
+    returns the list their errors are appended to."""
+    sink: list = []
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and module.spec.dynamic and module.spec.scale_type == "fp8_e4m3":
+            gm.set_submodule(node.target, _RoundPenalty(module, sink))
+    return sink
+
+
 def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list[str] | None = None) -> list[dict]:
     """QAD variants on the LM (:data:`ABLATION`), each from its recipe's calibrated start (see the
     module docstring); ``only``: the labels of the variants to run, ``recipes``: their recipes
@@ -352,14 +388,22 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
             _qdrop(student, v.qdrop)
         if v.scale_grad:
             _scale_grad(student)
+        sink = _round_penalty(student) if v.round_penalty else []
         InsertDistillTaps(teacher, taps=v.taps, temperature=1.0)(student)
+
+        def loss(out, _targets):
+            penalty = torch.stack(sink).mean() if sink else 0.0
+            sink.clear()
+            return out[1] + v.round_penalty * penalty
+
         t0 = time.perf_counter()
         history = _finetune(student, tinylm.batches("train", v.batch, tinylm.CONFIG["ctx"], seed=11),
-                            lambda out, y: out[1], steps * v.times, lr, f"{v.recipe} {v.label}")
+                            loss, steps * v.times, lr, f"{v.recipe} {v.label}")
         after = tinylm.score(student, log_t)
         closed = (before["kl"] - after["kl"]) / before["kl"]
         rows.append({"recipe": v.recipe, "variant": v.label, "steps": steps * v.times, "batch": v.batch, "lr": lr,
                      "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales, "scale_grad": v.scale_grad,
+                     "round_penalty": v.round_penalty,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
