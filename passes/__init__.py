@@ -6,6 +6,7 @@
 from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.fold_batchnorm import FoldBatchNorm
+from qgraph.passes.gptq import GPTQ
 from qgraph.passes.insert_distill_taps import InsertDistillTaps, RemoveDistillTaps
 from qgraph.passes.insert_fake_quant import InsertFakeQuant
 from qgraph.passes.insert_observers import InsertObservers
@@ -17,6 +18,7 @@ __all__ = [
     "Annotate",
     "Calibrate",
     "FoldBatchNorm",
+    "GPTQ",
     "InsertDistillTaps",
     "InsertFakeQuant",
     "InsertObservers",
@@ -33,6 +35,7 @@ PASSES = {
     "insert-observers": InsertObservers,
     "calibrate": Calibrate,
     "insert-qdq": InsertQDQ,
+    "gptq": GPTQ,
     "insert-fake-quant": InsertFakeQuant,
     "insert-distill-taps": InsertDistillTaps,
     "remove-distill-taps": RemoveDistillTaps,
