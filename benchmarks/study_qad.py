@@ -27,7 +27,8 @@ the steps (as many more tokens, and as many more optimizer updates); QDrop (each
 quantizer applied to a random half of its values in training, a flatness regulariser for low-bit
 activations); LSQ-learned weight scales instead of tracked ones; the gradient passed through the
 activations' dynamic block scales as well (:class:`_ScaleGrad`); a penalty on the FP4 activations'
-relative rounding error added to the loss (:class:`_RoundPenalty`); QAD of a student whose weights or
+relative rounding error added to the loss (:class:`_RoundPenalty`); QAD from GPTQ-rounded weights
+(the ``gptq`` pass) instead of round-to-nearest ones; QAD of a student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
 weight-only (w4a16): plain, with 4× the tokens, 4× the steps, or with LSQ weight scales.
 ``--variant LABEL`` (repeatable) runs only the variants of that label (``QAD``: the plain NVFP4
@@ -70,6 +71,7 @@ import qgraph
 from qgraph import FakeQuant, Sequential, qops
 from qgraph.backends import tensorrt
 from qgraph.passes import (
+    GPTQ,
     Annotate,
     Calibrate,
     FoldBatchNorm,
@@ -248,6 +250,7 @@ class Variant(NamedTuple):
     learn_weight_scales: bool = False  # LSQ weight scales instead of tracked ones
     scale_grad: bool = False  # the gradient also flows through the dynamic block scales
     round_penalty: float = 0.0  # weight of the FP4 activations' relative rounding error in the loss
+    gptq: bool = False  # the student starts from GPTQ-rounded weights (the gptq pass) instead of RTN
 
 
 ABLATION = [
@@ -263,7 +266,9 @@ ABLATION = [
     Variant("nvfp4", "QAD + activation rounding penalty 10", round_penalty=10.0),
     Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
     Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
+    Variant("nvfp4", "QAD from GPTQ weights", gptq=True),
     Variant("w4a16", "QAD"),
+    Variant("w4a16", "QAD from GPTQ weights", gptq=True),
     Variant("w4a16", "QAD, 4x tokens (batch 64)", batch=64),
     Variant("w4a16", "QAD, 4x the steps", times=4),
     Variant("w4a16", "QAD, LSQ weight scales", learn_weight_scales=True),
@@ -381,6 +386,11 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
         InsertQDQ()(ptq)
         before = tinylm.score(ptq if v.removed is None else _without_quantizers(ptq, v.removed), log_t)
         student = copy.deepcopy(base)
+        start = {}
+        if v.gptq:  # PTQ with GPTQ rounding: the student's start, scored as its own PTQ row
+            InsertQDQ()(student)
+            GPTQ(calib)(student)
+            start = {f"gptq_{k}": x for k, x in tinylm.score(student, log_t).items()}
         InsertFakeQuant(learn_weight_scales=v.learn_weight_scales)(student)
         if v.removed is not None:
             student = _without_quantizers(student, v.removed)
@@ -403,12 +413,13 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
         closed = (before["kl"] - after["kl"]) / before["kl"]
         rows.append({"recipe": v.recipe, "variant": v.label, "steps": steps * v.times, "batch": v.batch, "lr": lr,
                      "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales, "scale_grad": v.scale_grad,
-                     "round_penalty": v.round_penalty,
+                     "round_penalty": v.round_penalty, "gptq": v.gptq, **start,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
         print(f"{v.recipe} {v.label}: KL {before['kl']:.4f} -> {after['kl']:.4f} ({100 * closed:.0f} %), "
-              f"ce {before['ce']:.4f} -> {after['ce']:.4f}", flush=True)
+              f"ce {before['ce']:.4f} -> {after['ce']:.4f}"
+              + (f" (GPTQ start: KL {start['gptq_kl']:.4f}, ce {start['gptq_ce']:.4f})" if start else ""), flush=True)
     return rows
 
 

@@ -20,7 +20,9 @@ Under torch.distributed (torchrun) each rank calibrates on its own share of the 
 end, the observers' histograms are merged across the ranks (:func:`all_reduce_histograms`): every
 rank ends with the statistics one process would have collected from all the data, so every
 calibrator picks the same range on every rank. Every rank must then run the pass (a rank with no
-batches takes part with empty statistics); ``merge_ranks=False`` keeps each rank's own statistics.
+batches takes part with empty statistics; a rank that fails makes every rank raise rather than
+wait); code that calibrates on one rank only passes ``merge_ranks=False``, which keeps each
+rank's own statistics.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from qgraph import _dist
 from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.calibrators import all_reduce_histograms
@@ -73,18 +76,17 @@ class Calibrate(Pass):
         self.run_bytes = run_bytes
         self.merge_ranks = merge_ranks
 
-    def _finish(self, fresh: list[Observer], batches: int) -> dict[str, int]:
-        """Merge the fresh observers' statistics across ranks (when asked or distributed) and
-        check that some data was seen; returns the pass's counts."""
-        ranks = _world_size() if self.merge_ranks is not False else 1
-        if self.merge_ranks and ranks == 1 and not _distributed():
-            raise PreconditionError("merge_ranks=True needs torch.distributed initialized (torchrun)")
+    def _finish(self, fresh: list[Observer], batches: int, ranks: int, error: QGraphError | None) -> dict[str, int]:
+        """Merge the fresh observers' statistics across ``ranks`` (> 1) once every rank has
+        finished (or failed: then all raise) and check that some data was seen; returns the
+        pass's counts."""
+        if ranks > 1:
+            _dist.agree(error, "calibration")
+        elif error is not None:
+            raise error
         counts = {"batches": batches, "observers": len(fresh)}
         if ranks > 1:
-            import torch.distributed as dist
-
-            seen = torch.tensor([batches] + [m.batches for m in fresh], dtype=torch.int64)
-            dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+            seen = _dist.all_reduce(torch.tensor([batches] + [m.batches for m in fresh], dtype=torch.int64))
             all_reduce_histograms([m.hist for m in fresh])
             for m, n in zip(fresh, seen[1:].tolist()):
                 m.batches = n
@@ -100,10 +102,11 @@ class Calibrate(Pass):
         fresh = [m for m in observers if m.batches == 0]
         if not fresh:
             return PassResult(graph, False, {"batches": 0, "observers": 0})
+        ranks = _dist.world(self.merge_ranks, "calibrate")
         for m in observers:
             m.enabled = m.batches == 0
         names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-        batches = 0
+        batches, error = 0, None
         try:
             with torch.no_grad():
                 for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
@@ -116,10 +119,12 @@ class Calibrate(Pass):
                             f"the model failed on calibration batch {batches}: {first_line(exc)}"
                         ) from None
                     batches += 1
+        except QGraphError as exc:
+            error = exc  # raised in _finish, after the other ranks have heard of it
         finally:
             for m in observers:
                 m.enabled = True
-        return PassResult(graph, True, self._finish(fresh, batches))
+        return PassResult(graph, True, self._finish(fresh, batches, ranks, error))
 
     def _call_onnx(self, model: ir.Model) -> PassResult:
         """Run the model in onnxruntime with the observed tensors as extra outputs, run by run;
@@ -166,33 +171,30 @@ class Calibrate(Pass):
                     observer(out)  # numpy: the observers take arrays as they are
             state["batches"] += len(pending)
 
-        with session(model, [values[n] for n in fetch]) as sess:
-            pending: list[dict[str, np.ndarray]] = []
-            pending_signature, rows = None, 0
-            for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
-                feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
-                n = _rows(feeds) if state["join"] else None
-                signature = _signature(feeds) if n is not None else None
-                cap = limit(signature) if signature is not None else 0  # 0: cannot join
-                if pending and not (cap and signature == pending_signature and rows + n <= cap):
+        ranks, error = _dist.world(self.merge_ranks, "calibrate"), None
+        try:
+            with session(model, [values[n] for n in fetch]) as sess:
+                pending: list[dict[str, np.ndarray]] = []
+                pending_signature, rows = None, 0
+                for batch in tqdm(self.data, desc="calibrating", unit="batch", disable=not self.progress):
+                    feeds = {n: np.asarray(t) for n, t in zip(names, batch_args(batch, names))}
+                    n = _rows(feeds) if state["join"] else None
+                    signature = _signature(feeds) if n is not None else None
+                    cap = limit(signature) if signature is not None else 0  # 0: cannot join
+                    if pending and not (cap and signature == pending_signature and rows + n <= cap):
+                        run(pending)
+                        pending, rows = [], 0
+                    if not (cap and state["join"]):  # runs alone: cannot join, or measures its shape
+                        run([feeds])
+                        continue
+                    pending.append(feeds)
+                    pending_signature, rows = signature, rows + n
+                if pending:
                     run(pending)
-                    pending, rows = [], 0
-                if not (cap and state["join"]):  # runs alone: cannot join, or measures its shape
-                    run([feeds])
-                    continue
-                pending.append(feeds)
-                pending_signature, rows = signature, rows + n
-            if pending:
-                run(pending)
-        return PassResult(model, True, self._finish([m for ms in fresh.values() for m in ms], state["batches"]))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if _distributed() else 1
+        except QGraphError as exc:
+            error = exc  # raised in _finish, after the other ranks have heard of it
+        fresh_list = [m for ms in fresh.values() for m in ms]
+        return PassResult(model, True, self._finish(fresh_list, state["batches"], ranks, error))
 
 
 def _shared_batch_dim(model: ir.Model) -> ir.SymbolicDim | None:

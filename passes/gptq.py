@@ -30,6 +30,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from qgraph import _dist
 from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value, is_constant, node_label, op_kind, set_attr
@@ -54,17 +55,25 @@ class GPTQ(Pass):
         data: calibration batches (as for ``calibrate``), re-iterable: read once per stage.
         damp: dampening added to H's diagonal, as a fraction of its mean (the paper's 0.01).
         progress: show a progress bar over the stages.
+        merge_ranks: sum the layer statistics over torch.distributed's ranks, each with its own
+            share of the data, so every rank writes the same weights (None: when initialized
+            with more than one rank; every rank must run the pass).
     """
 
     name = "gptq"
     context_keys = ("data", "progress")
 
-    def __init__(self, data: Iterable = (), damp: float = 0.01, progress: bool = False) -> None:
+    def __init__(
+        self, data: Iterable = (), damp: float = 0.01, progress: bool = False, merge_ranks: bool | None = None
+    ) -> None:
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < float(damp) <= 1.0:
             raise PreconditionError(f"gptq: damp must be in (0, 1], got {damp!r}")
+        if merge_ranks not in (None, True, False):
+            raise PreconditionError(f"gptq: merge_ranks must be True, False or None, got {merge_ranks!r}")
         self.data = data
         self.damp = float(damp)
         self.progress = progress
+        self.merge_ranks = merge_ranks
 
     def options(self) -> dict[str, object]:
         return {"damp": self.damp} if self.damp != 0.01 else {}
@@ -77,7 +86,7 @@ class GPTQ(Pass):
             raise PreconditionError("gptq runs on the PTQ graph, before `insert-fake-quant` (its weights train)")
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
-        done = graph.meta.setdefault(GPTQ_META, set())
+        done = graph.meta.get(GPTQ_META, set())
         targets, skipped = [], 0
         for node in graph.graph.nodes:
             target, why = _target(graph, node)
@@ -90,36 +99,52 @@ class GPTQ(Pass):
             return PassResult(graph, False, {"weights": 0, "skipped": skipped})
         if iter(self.data) is self.data:
             raise QGraphError("gptq reads the calibration data once per stage: pass a list, not a one-shot iterator")
+        ranks = _dist.world(self.merge_ranks, "gptq")
         stages = _stages(graph, targets)
+        done = graph.meta.setdefault(GPTQ_META, set())
         for stage in tqdm(stages, desc="gptq", unit="stage", disable=not self.progress):
-            hessians = self._hessians(graph, stage)
+            hessians = self._hessians(graph, stage, ranks)
             for t in stage:
                 old = constant_value(graph, t.weight)
-                weight, scale = _gptq(old, t.quantizer, hessians[t.linear.args[0]], self.damp)
+                weight, scale = _gptq(old, t.quantizer, hessians[t.linear.args[0]], self.damp, t.linear.name)
                 set_attr(graph, t.weight.target, torch.nn.Parameter(weight, requires_grad=old.requires_grad))
                 t.quantizer.scale.copy_(scale)
                 done.add(t.node.target)
         return PassResult(graph, True, {"weights": sum(map(len, stages)), "skipped": skipped})
 
-    def _hessians(self, gm: torch.fx.GraphModule, stage: list[_Target]) -> dict[torch.fx.Node, torch.Tensor]:
-        """``X^T X / rows`` (float64) of each stage input over the calibration data."""
-        recorder = _Hessians(gm, {t.linear.args[0] for t in stage})
+    def _hessians(self, gm: torch.fx.GraphModule, stage: list[_Target], ranks: int) -> dict[torch.fx.Node, torch.Tensor]:
+        """``X^T X / rows`` (float64) of each stage input over the calibration data (of every
+        rank when ``ranks`` > 1)."""
+        inputs = list(dict.fromkeys(t.linear.args[0] for t in stage))
+        recorder = _Hessians(gm, set(inputs))
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        batches = 0
+        batches, error = 0, None
         with torch.no_grad():
-            for batch in self.data:
-                try:
-                    recorder.run(*batch_args(batch, names))
-                except _Done:
-                    pass
-                except QGraphError:
-                    raise
-                except Exception as exc:
-                    raise QGraphError(f"the model failed on calibration batch {batches}: {first_line(exc)}") from None
-                batches += 1
-        if not batches:
+            try:
+                for batch in self.data:
+                    try:
+                        recorder.run(*batch_args(batch, names))
+                    except _Done:
+                        pass
+                    except QGraphError:
+                        raise
+                    except Exception as exc:
+                        raise QGraphError(f"the model failed on calibration batch {batches}: {first_line(exc)}") from None
+                    batches += 1
+            except QGraphError as exc:
+                error = exc
+        sums = [recorder.sums.get(n, _zeros(n)) for n in inputs]
+        rows = torch.tensor([batches] + [recorder.rows.get(n, 0) for n in inputs], dtype=torch.int64)
+        if ranks > 1:  # every rank learns of a failure, then the statistics add up
+            _dist.agree(error, "gptq")
+            rows = _dist.all_reduce(rows)
+            flat = _dist.all_reduce(torch.cat([h.flatten() for h in sums]))
+            sums = [f.view_as(h) for f, h in zip(flat.split([h.numel() for h in sums]), sums)]
+        elif error is not None:
+            raise error
+        if not int(rows[0]):
             raise QGraphError("gptq needs calibration data (it is empty)")
-        return {n: h / max(recorder.rows[n], 1) for n, h in recorder.sums.items()}
+        return {n: h / max(int(r), 1) for n, h, r in zip(inputs, sums, rows[1:])}
 
 
 class _Target:
@@ -193,8 +218,8 @@ class _Hessians(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):  # noqa: ANN201 - whatever the node returns
         out = super().run_node(n)
         if n in self.watch:
-            x = out.detach().reshape(-1, out.shape[-1]).to(torch.float32)
-            xtx = (x.T @ x).to(torch.float64)
+            x = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+            xtx = x.T @ x
             self.sums[n] = xtx if n not in self.sums else self.sums[n] + xtx
             self.rows[n] = self.rows.get(n, 0) + x.shape[0]
             if n is self.last:
@@ -202,12 +227,23 @@ class _Hessians(torch.fx.Interpreter):
         return out
 
 
-def _gptq(w: torch.Tensor, fq: FakeQuant, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rounded weight: codes times scales, the quantizer's scale) of one (out, in) weight."""
+def _zeros(node: torch.fx.Node) -> torch.Tensor:
+    """An empty ``X^T X`` for a Linear input this rank never computed (no data on this rank)."""
+    k = node.meta["val"].shape[-1]
+    return torch.zeros(k, k, dtype=torch.float64)
+
+
+def _gptq(
+    w: torch.Tensor, fq: FakeQuant, hessian: torch.Tensor, damp: float, label: str = "the layer"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rounded weight: codes times scales, the quantizer's scale) of one (out, in) weight read
+    by the Linear ``label``."""
     spec, block = fq.spec, fq.spec.block_size or 0
     W = w.detach().to(torch.float32).clone()
     k = W.shape[1]
     H = hessian.clone()
+    if not bool(torch.isfinite(H).all()):
+        raise QGraphError(f"gptq: the calibration inputs of {label} are not finite (NaN or Inf)")
     dead = torch.diagonal(H) == 0  # inputs that were always 0: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -215,7 +251,7 @@ def _gptq(w: torch.Tensor, fq: FakeQuant, hessian: torch.Tensor, damp: float) ->
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
-        raise QGraphError(f"gptq: the input statistics of {fq.spec.describe()} weight are singular; raise damp") from None
+        raise QGraphError(f"gptq: the input statistics of {label} are singular even dampened; raise damp") from None
     U = U.to(torch.float32)
     scale = fq.scale.detach().clone()  # per tensor / channel: insert-qdq's, from the whole weight
     g = fq.global_scale.detach() if hasattr(fq, "global_scale") else torch.ones((), dtype=torch.float32)

@@ -7,7 +7,9 @@ Runs after calibration. Calibrated observers become :class:`~qgraph.quant.FakeQu
     every call, so codes follow the weights as the optimizer moves them (the export uses the
     scales of the final weights); or, with ``learn_weight_scales=True``, their scales start from
     that rule and are trained with the LSQ gradient (per channel or per block; NVFP4's E4M3
-    block scales too, rounded to E4M3 in the forward);
+    block scales too, rounded to E4M3 in the forward); weights the ``gptq`` pass rounded keep its
+    scales frozen instead (tracking would recompute them from the rounded weights, whose
+    saturated codes then move: GPTQ's start would be lost), unless their scales are learned;
   * activation scales stay frozen at their calibrated values (``learn_scales=False``), or become
     parameters trained with the LSQ gradient (``learn_scales=True``; INT8/FP8 activations), or
     keep widening with the running max |x| for the first ``observe_steps`` training calls.
@@ -29,6 +31,7 @@ import torch.fx
 from qgraph._errors import PreconditionError
 from qgraph._pass import PassResult
 from qgraph.observers import Observer
+from qgraph.passes.gptq import GPTQ_META
 from qgraph.passes.insert_qdq import InsertQDQ
 from qgraph.quant import LEARNABLE_SCALE_TYPES, QUANT_META, FakeQuant
 
@@ -87,6 +90,7 @@ class InsertFakeQuant(InsertQDQ):
         inserted = super().call(graph)  # observers -> fake-quant exactly as for PTQ
         counts = dict(inserted.counts)
         configured = learnable = 0
+        rounded = graph.meta.get(GPTQ_META, set())  # weights whose GPTQ scales stay as they are
         for node in graph.graph.nodes:
             if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), FakeQuant):
                 continue
@@ -95,7 +99,7 @@ class InsertFakeQuant(InsertQDQ):
             learnable_kind = not module.spec.dynamic and module.spec.scale_type in LEARNABLE_SCALE_TYPES
             learn = learnable_kind and (self.learn_weight_scales if weight else self.learn_scales)
             configured += module.configure_training(
-                track_weight=weight and not learn,
+                track_weight=weight and not learn and node.target not in rounded,
                 learn_scale=learn,
                 observe_steps=0 if weight else self.observe_steps,
             )

@@ -192,24 +192,23 @@ class AbsHistogram:
         return counts[: nonzero[-1] + 1] if nonzero.size else counts, float(self.width or 0.0)
 
 
-def all_reduce_histograms(hists: list[AbsHistogram], group=None) -> None:  # noqa: ANN001
-    """Merge each histogram with its counterparts on every rank of ``group`` (torch.distributed).
+def all_reduce_histograms(hists: list[AbsHistogram]) -> None:
+    """Merge each histogram with its counterparts on every rank of torch.distributed's default group.
 
     Every rank passes its histograms in the same order (the same observers); afterwards each
     holds, on every rank, exactly the histogram one process would have built from all ranks'
     data: the bin width is a power of two fixed by the running max, so each rank coarsens its
     bins to the widest rank's width without error, and the counts add. Three collectives in all
-    (max of the ranges, sum of the totals, sum of the bins), whatever the number of histograms.
+    (max of the ranges, sum of the totals, sum of the bins), whatever the number of histograms;
+    on the group's device (a GPU under NCCL).
     """
-    import torch.distributed as dist
+    from qgraph import _dist
 
     if not hists:
         return
     # the largest |x| and bin width per histogram (0: only zeros, or counts not tracked)
-    ranges = torch.tensor([[h.amax, h.width or 0.0] for h in hists], dtype=torch.float64)
-    dist.all_reduce(ranges, op=dist.ReduceOp.MAX, group=group)
-    totals = torch.tensor([[h.total, h.zeros] for h in hists], dtype=torch.int64)
-    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
+    ranges = _dist.all_reduce(torch.tensor([[h.amax, h.width or 0.0] for h in hists], dtype=torch.float64), "max")
+    totals = _dist.all_reduce(torch.tensor([[h.total, h.zeros] for h in hists], dtype=torch.int64))
     parts, lengths = [], []
     for h, (amax, width), (total, zeros) in zip(hists, ranges.tolist(), totals.tolist()):
         h.amax, h.total = amax, total
@@ -227,8 +226,7 @@ def all_reduce_histograms(hists: list[AbsHistogram], group=None) -> None:  # noq
         lengths.append((h, width, n))
     if not parts:
         return
-    merged = torch.cat(parts)
-    dist.all_reduce(merged, op=dist.ReduceOp.SUM, group=group)
+    merged = _dist.all_reduce(torch.cat(parts))
     for (h, width, _), counts in zip(lengths, merged.split([n for *_, n in lengths])):
         h.width, h.counts, h.zeros = width, counts.clone(), 0
 

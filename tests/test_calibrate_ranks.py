@@ -1,7 +1,9 @@
-"""calibrate under torchrun (two gloo ranks, CPU): each rank calibrates on its share of the data
-and the observers' histograms are merged, so every calibrator gives every rank exactly the range
-one process gets from all the data — on the torch graph and on the ONNX model, with even shares
-and with one rank given nothing; ``merge_ranks=False`` keeps each rank's own statistics."""
+"""calibrate and gptq under torchrun (two gloo ranks, CPU). Each rank calibrates on its share
+of the data and the observers' histograms are merged, so every calibrator gives every rank
+exactly the range one process gets from all the data — on the torch graph and on the ONNX model,
+with even shares and with one rank given nothing; a rank that fails makes both raise;
+``merge_ranks=False`` keeps each rank's own statistics. GPTQ sums its layer statistics the same
+way."""
 
 from __future__ import annotations
 
@@ -26,7 +28,14 @@ from qgraph.calibrators import CALIBRATORS
 from qgraph.examples.zoo import make
 from qgraph.observers import Observer
 from qgraph.onnx_graph import OBSERVERS_META, load_onnx_model
-from qgraph.passes import Annotate, Calibrate, InsertObservers
+from qgraph.passes import GPTQ, Annotate, Calibrate, InsertObservers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gptq import _data as _gptq_data  # noqa: E402
+from test_gptq import _ptq, _weights  # noqa: E402
+
+#: gptq's data: the correlated inputs of tests/test_gptq.py, four batches (two per rank)
+GPTQ_DATA = _gptq_data(4)
 
 #: six batches of different spreads (the ranks' ranges differ: the merge must coarsen bins)
 DATA = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) * (1.0 + 0.7 * i) for i in range(6)]
@@ -86,7 +95,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [{**json.loads((out / f"rank{r}.json").read_text()), "dir": str(out)} for r in (0, 1)]
 
 
 @pytest.mark.parametrize("share", ["even", "uneven"])
@@ -99,6 +108,27 @@ def test_merged_ranges_equal_one_process_on_all_the_data(ranks, share):
             for r in (0, 1):
                 assert ranks[r][key]["ranges"] == expected, (key, r)  # exact: amax, batches, values seen
                 assert ranks[r][key]["counts"] == {"batches": 6, "observers": len(expected), "ranks": 2}, key
+
+
+def test_a_failing_rank_makes_every_rank_raise(ranks):
+    for kind in ("fx", "onnx"):
+        assert ranks[1][f"failure {kind}"].endswith("non-finite value (NaN or Inf) reached an observer"), kind
+        assert ranks[0][f"failure {kind}"] == "calibration failed on rank 1 (its own error is in its output)", kind
+
+
+def test_gptq_on_shares_equals_one_process_on_all_the_data(ranks):
+    """Each rank rounds with the layer statistics of both shares: the same weights on both
+    ranks, and those of one process given all the data (float64 sums added in another order:
+    equal to 1e-6, which no code flip would be)."""
+    out = ranks[0]["dir"]
+    weights = [torch.load(Path(out) / f"gptq{r}.pt") for r in (0, 1)]
+    _, gm, _ = _ptq("W4A16", data=GPTQ_DATA)
+    GPTQ(GPTQ_DATA)(gm)
+    single = _weights(gm)
+    assert weights[0].keys() == single.keys() and len(single) == 2
+    for key, w in single.items():
+        assert torch.equal(weights[0][key], weights[1][key]), key
+        torch.testing.assert_close(weights[0][key], w, rtol=0, atol=1e-6, msg=key)
 
 
 def test_merge_ranks_false_keeps_each_ranks_own(ranks):

@@ -17,9 +17,9 @@ from qgraph.examples.zoo import make
 from qgraph.graph import constant_value
 from qgraph.parity import check_parity
 from qgraph.passes import GPTQ, PASSES, Annotate, Calibrate, InsertFakeQuant, InsertObservers, InsertQDQ
-from qgraph.passes.gptq import GPTQ_META
+from qgraph.passes.gptq import GPTQ_META, _gptq
 from qgraph.pipeline import build_pipeline
-from qgraph.quant import FakeQuant
+from qgraph.quant import FakeQuant, QSpec
 
 
 class TwoLinears(nn.Module):
@@ -64,7 +64,7 @@ def test_census_every_linear_weight_rounded_graph_unchanged():
     assert gm.meta[GPTQ_META] == {"fq_fc1_weight", "fq_fc2_weight"}
 
 
-@pytest.mark.parametrize("recipe", ["W4A16", "NVFP4", "INT8", "FP8"])
+@pytest.mark.parametrize("recipe", ["W4A16", "NVFP4", "INT8", "FP8", "MXFP8"])
 def test_written_weights_are_their_own_codes(recipe):
     """The quantizer reproduces the written weights exactly: every lowering exports GPTQ's codes."""
     _, gm, data = _ptq(recipe)
@@ -75,7 +75,7 @@ def test_written_weights_are_their_own_codes(recipe):
             assert torch.equal(fq(w), w), (recipe, node.target)
 
 
-@pytest.mark.parametrize("recipe", ["W4A16", "NVFP4", "INT8", "FP8"])
+@pytest.mark.parametrize("recipe", ["W4A16", "NVFP4", "INT8", "FP8", "MXFP8"])
 def test_layer_error_below_round_to_nearest(recipe):
     """On held-out inputs from the same distribution, the first layer's output error from its
     weights' rounding is a fraction of round-to-nearest's (measured: 0.07 of it, every recipe:
@@ -88,10 +88,69 @@ def test_layer_error_below_round_to_nearest(recipe):
 
     def error(gm) -> float:
         fq = gm.get_submodule("fq_fc1_weight")
-        q = fq(constant_value(gm, next(n for n in gm.graph.nodes if n.target == "fc1.weight")))
+        q = fq(constant_value(gm, next(n for n in gm.graph.nodes if n.target == "fc1.weight"))).detach()
         return float(((x @ w.T - x @ q.T) ** 2).mean())
 
     assert error(gptq) < 0.2 * error(rtn), (error(gptq), error(rtn))
+
+
+def test_per_tensor_weights():
+    """A per-tensor INT8 weight (no recipe plans one): the scale stays, the codes reproduce, the
+    layer error drops."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 256, generator=g)
+    spec = QSpec(dtype="int8", role="weight")
+    fq = FakeQuant.for_weight(spec, w)
+    x = torch.cat(_data(2))
+    q, scale = _gptq(w, fq, (x.double().T @ x.double()) / x.shape[0], 0.01)
+    assert torch.equal(scale, fq.scale) and torch.equal(fq(q), q)
+    rtn = fq(w)
+    assert float(((x @ (w - q).T) ** 2).mean()) < 0.2 * float(((x @ (w - rtn).T) ** 2).mean())
+
+
+def test_later_layers_see_inputs_through_the_rounded_ones():
+    """fc2 is rounded on fc1's output with fc1 already GPTQ-rounded: redoing fc2 from statistics
+    of the final graph gives the written weights exactly (from RTN-fc1 statistics it would not)."""
+    model, gm, data = _ptq("W4A16")
+    rtn = copy.deepcopy(gm)
+    GPTQ(data)(gm)
+
+    def fc2_hessian(graph) -> torch.Tensor:
+        quantizer = next(n for n in graph.graph.nodes if n.target == "fq_fc2_weight")
+        (linear,) = quantizer.users
+        seen = []
+
+        class Grab(torch.fx.Interpreter):
+            def run_node(self, n):  # noqa: ANN001, ANN202
+                out = super().run_node(n)
+                if n is linear.args[0]:
+                    seen.append(out.reshape(-1, out.shape[-1]).double())
+                return out
+
+        for x in data:
+            Grab(graph).run(x)
+        x = torch.cat(seen)
+        return x.T @ x / x.shape[0]
+
+    fq = copy.deepcopy(rtn.get_submodule("fq_fc2_weight"))
+    w = model.fc2.weight.detach()
+    written = constant_value(gm, next(n for n in gm.graph.nodes if n.target == "fc2.weight"))
+    assert torch.equal(_gptq(w, copy.deepcopy(fq), fc2_hessian(gm), 0.01)[0], written)
+    assert not torch.equal(_gptq(w, copy.deepcopy(fq), fc2_hessian(rtn), 0.01)[0], written)
+
+
+def test_qat_after_gptq_starts_from_its_codes():
+    """insert-fake-quant keeps a GPTQ-rounded weight's scales (tracking would recompute them
+    from the rounded weights and move saturated codes); other weights still track."""
+    _, gm, data = _ptq("INT8")
+    GPTQ(data)(gm)
+    with torch.no_grad():
+        before = gm(data[1])
+    InsertFakeQuant()(gm)
+    gm.train()
+    with torch.no_grad():
+        assert torch.equal(gm(data[1]), before)
+    assert not any(gm.get_submodule(t).track_weight for t in gm.meta[GPTQ_META])
 
 
 def test_second_run_is_a_no_op():

@@ -140,12 +140,13 @@ def test_learned_per_tensor_scale_is_a_vector_that_reads_and_loads_as_a_scalar()
     act = gm.get_submodule("fq_x")
     assert act.learnable and act.scale.shape == (1,) and act.scale_value().shape == ()
     assert frozen.get_submodule("fq_x").scale.shape == ()
+    calibrated = float(act.scale)
     with torch.no_grad():
         act.scale.mul_(1.5)  # as if trained
-    assert torch.equal(gm(data[0]), _with_state(frozen, gm.state_dict())(data[0]))
+    assert torch.equal(gm(data[0]), _with_state(copy.deepcopy(frozen), gm.state_dict())(data[0]))
     relearned = copy.deepcopy(gm)
     relearned.load_state_dict(frozen.state_dict())  # a 0-d scale into the one-element parameter
-    assert float(relearned.get_submodule("fq_x").scale) == float(frozen.get_submodule("fq_x").scale)
+    assert float(relearned.get_submodule("fq_x").scale) == calibrated != float(act.scale)
     model = onnx.load_from_string(tensorrt.lower(gm, (data[1],)))
     scalars = {i.name for i in model.graph.initializer if not i.dims}
     assert {"fq_x.scale", "fq_relu.scale", "fq_relu_1.scale"} <= scalars  # the quantizer's name, a scalar
