@@ -56,8 +56,7 @@ def export_onnx(
     from qgraph.quant import prepare_for_export
 
     prepare_for_export(gm)  # QAT: scales of the final weights; learned scales kept positive
-    student = _without_distill_taps(gm)
-    gm = _learned_scales_frozen(student, copy=student is gm)
+    gm = _learned_scales_frozen(_without_distill_taps(gm))
     if form == "reference":
         gm = decode_weights(gm)
     table = _translate.deploy_table() if form == "deploy" else _translate.reference_table()
@@ -65,12 +64,13 @@ def export_onnx(
     # silence the exporter's progress prints and warnings; errors still raise
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        training = gm.training
+        modes = [(m, m.training) for m in gm.modules()]  # the caller's, module by module
         gm.eval()  # what is deployed is the inference graph (no range observation, no dropout)
         try:
             program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes_of(gm))
         finally:
-            gm.train(training)
+            for m, training in modes:
+                m.training = training
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
@@ -299,52 +299,65 @@ def _drop_metadata(model: ir.Model) -> None:
     model.graph.metadata_props.clear()
 
 
-def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The student alone (a copy) if QAD taps are in the graph: teachers are not deployed."""
+def _sharing_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph and meta that shares its submodules,
+    parameters and buffers: edits to the graph or top-level attributes leave ``gm`` as it was,
+    and no tensor is copied (a deep copy would double a large model, its teacher included)."""
     import copy
 
+    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    new.meta = dict(gm.meta)
+    new.training = gm.training
+    return new
+
+
+def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The student alone if QAD taps are in the graph (teachers are not deployed): a graph
+    without the teacher over ``gm``'s own modules; ``gm`` itself if it has no taps."""
     from qgraph.passes.insert_distill_taps import DISTILL_META, RemoveDistillTaps
 
     if DISTILL_META not in gm.meta:
         return gm
-    gm = copy.deepcopy(gm)
-    RemoveDistillTaps()(gm)
-    return gm
+    student = _sharing_copy(gm)
+    RemoveDistillTaps()(student)  # edits the copy's graph and drops its teacher attribute
+    return student
 
 
-def _learned_scales_frozen(gm: torch.fx.GraphModule, copy: bool) -> torch.fx.GraphModule:
-    """``gm`` with its learned per-tensor scales as 0-d buffers (a copy if ``copy``), so each is
-    exported as the scalar initializer it names (``fq_x.scale``), not a reshape of a one-element
-    parameter; ``gm`` itself if it learns none."""
-    import copy as copy_module
+def _learned_scales_frozen(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with its learned per-tensor scales as 0-d buffers, so each is exported as the
+    scalar initializer it names (``fq_x.scale``), not a reshape of a one-element parameter;
+    ``gm`` itself if it learns none. The trained graph is left learning: the result is a graph
+    over its modules in which only those quantizers are copies."""
+    import copy
 
     from qgraph.quant import FakeQuant
 
     def learned(m: torch.nn.Module) -> bool:
         return isinstance(m, FakeQuant) and m.learnable and m.per_tensor
 
-    if not any(learned(m) for m in gm.modules()):
+    names = [n.target for n in gm.graph.nodes if n.op == "call_module" and learned(gm.get_submodule(n.target))]
+    if not names:
         return gm
-    if copy:
-        gm = copy_module.deepcopy(gm)
-    for m in gm.modules():
-        if learned(m):  # a learned scale is neither tracked nor observed: nothing else to keep
-            m.configure_training(learn_scale=False)
+    # qgraph's quantizers are top-level attributes; one inside a shared parent forces a deep copy
+    gm = _sharing_copy(gm) if all("." not in name for name in names) else copy.deepcopy(gm)
+    for name in names:  # a learned scale is neither tracked nor observed: nothing else to keep
+        frozen = copy.deepcopy(gm.get_submodule(name))
+        frozen.configure_training(learn_scale=False)
+        gm.set_submodule(name, frozen)
     return gm
 
 
 def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose weight quantizers are replaced by their output: the decoded weights.
+    """A graph like ``gm``'s whose weight quantizers are replaced by their output: the decoded weights.
 
     The values are exactly what the deploy form's DequantizeLinear computes (codes times scale
-    in float32), so the reference form runs the deployed weights on any runtime.
+    in float32), so the reference form runs the deployed weights on any runtime. ``gm`` is left
+    as it was; the result shares its other modules and tensors (see :func:`_sharing_copy`).
     """
-    import copy
-
     from qgraph.graph import constant_value, unique_attr_name
     from qgraph.quant import FakeQuant
 
-    gm = copy.deepcopy(gm)
+    gm = _sharing_copy(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FakeQuant):
             continue

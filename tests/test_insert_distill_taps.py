@@ -107,3 +107,34 @@ def test_teacher_gets_no_gradient_and_is_not_modified():
     assert all(torch.equal(v, reference[k]) for k, v in teacher.state_dict().items())
     copied = student.distill_teacher.module.state_dict()
     assert all(torch.equal(copied[k], reference[k]) for k in reference if k in copied)
+
+
+def test_lowering_leaves_the_training_student_as_it_was_and_copies_no_weight(monkeypatch):
+    """Lowering drops the teacher and freezes learned scales on a graph over the student's own
+    modules (a deep copy would double a large student and its teacher): the trained graph keeps
+    its teacher, learned scales, per-module train/eval modes and values."""
+    from qgraph.backends._onnx import _sharing_copy
+
+    student, teacher, data = _student_and_teacher()
+    InsertFakeQuant(learn_scales=True)(student)
+    InsertDistillTaps(teacher, taps=["add"])(student)
+
+    def no_deep_copy(*_):
+        raise AssertionError("lowering deep-copied a GraphModule")
+
+    monkeypatch.setattr(torch.fx.GraphModule, "__deepcopy__", no_deep_copy)
+    student.train()
+    learned = [n for n, m in student.named_modules() if getattr(m, "learnable", False)]
+    assert learned  # the FP8 fallback's per-tensor activation scales
+    graph, modes = str(student.graph), {n: m.training for n, m in student.named_modules()}
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    for form in ("deploy", "reference"):
+        tensorrt.lower(student, (data[1],), form=form)
+    assert str(student.graph) == graph and hasattr(student, "distill_teacher")
+    assert {n: m.training for n, m in student.named_modules()} == modes  # the teacher stays in eval
+    assert all(isinstance(student.get_submodule(n).scale, torch.nn.Parameter) for n in learned)
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+    shared = _sharing_copy(student)
+    assert all(a is b for a, b in zip(shared.parameters(), student.parameters(), strict=True))
+    shared.graph.erase_node(next(n for n in shared.graph.nodes if n.op == "output"))
+    assert str(student.graph) == graph
