@@ -35,7 +35,8 @@ weight-only (w4a16): plain, with 4× the tokens, 4× the steps, or with LSQ weig
 and w4a16 rows); ``--recipes`` keeps only the variants of those recipes.
 
 ``--sensitivity`` splits NVFP4 PTQ's KL on the LM by layer kind (each kind's activation or weight
-quantizers removed, one kind at a time) and tries two function-preserving rewrites that regroup
+quantizers removed, one kind at a time), scores it with the block scales kept in FP32 instead
+of E4M3, and tries function-preserving rewrites that regroup
 channels before PTQ: reordering channels so each 16-value block holds channels of like range
 (the residual stream by one permutation, the MLP hidden channels per block) and SmoothQuant
 scales (α 0.5) folded into the LayerNorms; and QuaRot's rotation of the residual stream by a
@@ -551,6 +552,34 @@ def _rotate_residual(model, calib, rotate: bool = True):
     return m.float()
 
 
+def _with_fp32_block_scales(ptq: torch.fx.GraphModule, score):  # noqa: ANN001, ANN202
+    """``score()`` with every NVFP4 block scale of ``ptq`` kept in FP32 instead of rounded to
+    E4M3: the stored weight block scales recomputed from the weights, the activations' dynamic
+    ones through the eager kernels (a compiled kernel would keep the E4M3 rounding it traced)."""
+    from qgraph.graph import constant_value
+
+    weights = {}  # NVFP4 weight quantizer -> its weight
+    for node in ptq.graph.nodes:
+        module = ptq.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and module.spec.role == "weight" and module.spec.scale_type == "fp8_e4m3":
+            weights[module] = constant_value(ptq, node.args[0])
+    saved = {m: (m.scale.clone(), m.global_scale.clone()) for m in weights}
+    original, compiled = qops._nvfp4_block_scale, qops.use_compiled_kernels(False)
+    qops._nvfp4_block_scale = lambda block_amax, global_scale: (block_amax / (global_scale * 6.0)).clamp_min(2.0**-9)
+    try:
+        with torch.no_grad():
+            for module, weight in weights.items():
+                module.refresh(weight)
+        return score()
+    finally:
+        qops._nvfp4_block_scale = original
+        qops.use_compiled_kernels(compiled)
+        with torch.no_grad():
+            for module, (scale, global_scale) in saved.items():
+                module.scale.copy_(scale)
+                module.global_scale.copy_(global_scale)
+
+
 def sensitivity() -> list[dict]:
     """NVFP4 PTQ on the LM: KL with one layer kind's quantizers removed; channel regrouping."""
     import tinylm
@@ -578,6 +607,10 @@ def sensitivity() -> list[dict]:
             rows.append({"variant": f"without the {role} quantizers of {kind}", "removed": len(names), **r,
                          "kl_share": (full["kl"] - r["kl"]) / full["kl"]})
             print(f"without {role} of {kind}: kl {r['kl']:.4f} ({100 * rows[-1]['kl_share']:.0f} % of PTQ's)", flush=True)
+    r = _with_fp32_block_scales(ptq, lambda: tinylm.score(ptq, log_t))
+    rows.append({"variant": "NVFP4 PTQ, block scales in FP32 (not rounded to E4M3)", **r,
+                 "kl_share": (full["kl"] - r["kl"]) / full["kl"]})
+    print(f"block scales in FP32: kl {r['kl']:.4f} ({100 * rows[-1]['kl_share']:.0f} % of PTQ's)", flush=True)
     for label, rewrite in (("channels reordered (residual stream + MLP hidden)", _reorder_channels),
                            ("SmoothQuant α 0.5 folded into the LayerNorms", _smooth_layernorms),
                            ("zero-mean stream, LayerNorm → RMSNorm, affine folded (no rotation)",
