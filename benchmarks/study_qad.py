@@ -62,6 +62,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -552,7 +553,7 @@ def _rotate_residual(model, calib, rotate: bool = True):
     return m.float()
 
 
-def _with_fp32_block_scales(ptq: torch.fx.GraphModule, score):  # noqa: ANN001, ANN202
+def _with_fp32_block_scales(ptq: torch.fx.GraphModule, score: Callable[[], dict]) -> dict:
     """``score()`` with every NVFP4 block scale of ``ptq`` kept in FP32 instead of rounded to
     E4M3: the stored weight block scales recomputed from the weights, the activations' dynamic
     ones through the eager kernels (a compiled kernel would keep the E4M3 rounding it traced)."""
