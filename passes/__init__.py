@@ -4,6 +4,7 @@
 """
 
 from qgraph.passes.annotate import Annotate
+from qgraph.passes.auto_precision import AutoPrecision
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.fold_batchnorm import FoldBatchNorm
 from qgraph.passes.gptq import GPTQ
@@ -16,6 +17,7 @@ from qgraph.passes.smooth_quant import SmoothQuant
 __all__ = [
     "PASSES",
     "Annotate",
+    "AutoPrecision",
     "Calibrate",
     "FoldBatchNorm",
     "GPTQ",
@@ -32,6 +34,7 @@ PASSES = {
     "fold-batchnorm": FoldBatchNorm,
     "smooth-quant": SmoothQuant,
     "annotate": Annotate,
+    "auto-precision": AutoPrecision,
     "insert-observers": InsertObservers,
     "calibrate": Calibrate,
     "insert-qdq": InsertQDQ,

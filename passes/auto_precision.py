@@ -1,0 +1,237 @@
+"""Mixed precision by measured sensitivity: give the layers that lose most in the cheapest recipe
+a wider one, within a budget of bits per weight, then annotate.
+
+A *layer* is an op with a quantized weight (Linear, Conv, a MatMul with a constant). The pass
+scores PTQ of the whole model against its float outputs on the calibration data, first with every
+layer in the first candidate recipe (the base), then once per layer and wider candidate with that
+one layer in the candidate (its weight and its input activation). A layer's *gain* is how much
+its upgrade lowers the error; its *cost* is the extra weight storage:
+
+    bits(recipe) = element bits + scale bits / block size     (NVFP4 4.5, MXFP8 8.25, FP8 8, INT4 blocks of 128: 4.25)
+
+Upgrades are taken greedily by gain per extra bit (each layer at most once; no upgrade that does
+not lower the error) while the weights' mean bits, weighted by their sizes, stay within
+``effective_bits``. Errors are treated as adding up, which they only roughly do: the plan is scored
+once more as a whole, and that measured error is what the pass reports. The plan is an
+``annotate`` with one override per upgraded layer, so the rest of the pipeline (observers,
+calibration, insert-qdq, QAT, the backends) runs on it unchanged.
+
+Cost: one calibration and one scoring of the data per layer and wider candidate, plus two, each
+on a copy of the graph. It suits models up to a few hundred layers; ModelOpt's ``auto_quantize``
+estimates the same gains from gradients instead, which is cheaper and rougher.
+
+Errors: ``mse`` (default) is the squared error of the first output over its square (summed over
+the data); ``kl`` is KL(float ‖ quantized) of the softmax over the first output's last axis, the
+metric for logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
+
+from qgraph._errors import PreconditionError, QGraphError
+from qgraph._pass import Pass, PassResult
+from qgraph.graph import constant_value
+from qgraph.passes._util import QUANT_META, batch_args
+from qgraph.passes.annotate import Annotate
+from qgraph.passes.calibrate import Calibrate
+from qgraph.passes.insert_observers import InsertObservers
+from qgraph.passes.insert_qdq import InsertQDQ
+from qgraph.quant import QSpec
+from qgraph.rules import BackendRules
+
+__all__ = ["AUTO_PRECISION_META", "AutoPrecision", "weight_bits"]
+
+logger = logging.getLogger(__name__)
+
+#: gm.meta key: the plan's record ({"effective_bits", "base_error", "error", "layers": {...}})
+AUTO_PRECISION_META = "qgraph.auto_precision"
+
+_SCALE_BITS = {"float32": 32, "fp8_e4m3": 8, "e8m0": 8}
+
+
+def weight_bits(spec: QSpec | None) -> float:
+    """Storage bits per weight element of ``spec``, block scales included (None: float32, 32)."""
+    if spec is None:
+        return 32.0
+    scale = _SCALE_BITS[spec.scale_type] / spec.block_size if spec.block_size else 0.0
+    return float(spec.element.bits) + scale
+
+
+class AutoPrecision(Pass):
+    """Annotate with a per-layer choice among recipes, under a weight-bits budget. Counts:
+    ``quantized``, ``float`` (as ``annotate``), ``upgraded`` (layers given a wider recipe).
+
+    Args:
+        candidates: the recipes to choose from (a backend's rule sets), the cheapest first: the
+            base every layer starts in, e.g. ``[tensorrt.NVFP4, tensorrt.FP8]``.
+        data: calibration batches (as for ``calibrate``), re-iterable: read once per trial.
+        effective_bits: the budget, mean storage bits per weight element over the quantized
+            layers (e.g. 5.0: NVFP4 with about one parameter in seven at FP8).
+        fallback: as ``annotate``'s, for every trial and the plan.
+        metric: ``mse`` or ``kl`` (see the module docstring).
+        calibrator: the trials' calibrator (``insert-observers``).
+        progress: show a progress bar over the trials.
+
+    Example::
+
+        AutoPrecision([tensorrt.NVFP4, tensorrt.FP8], data, effective_bits=5.0, fallback=True)(gm)
+        Sequential([InsertObservers(), Calibrate(data), InsertQDQ()])(gm)
+    """
+
+    name = "auto-precision"
+    context_keys = ("data", "progress")
+
+    def __init__(
+        self,
+        candidates: Sequence[BackendRules] = (),
+        data: Iterable = (),
+        effective_bits: float = 0.0,
+        fallback: bool | BackendRules | Literal["float"] | None = None,
+        metric: Literal["mse", "kl"] = "mse",
+        calibrator: str = "max",
+        progress: bool = False,
+    ) -> None:
+        candidates = tuple(candidates)
+        if len(candidates) < 2 or not all(isinstance(c, BackendRules) for c in candidates):
+            raise PreconditionError("auto-precision: give at least two candidate recipes (rule sets), the cheapest first")
+        if isinstance(effective_bits, bool) or not isinstance(effective_bits, (int, float)) or effective_bits <= 0:
+            raise PreconditionError(f"auto-precision: effective_bits must be a positive number, got {effective_bits!r}")
+        if metric not in ("mse", "kl"):
+            raise PreconditionError(f"auto-precision: metric must be 'mse' or 'kl', got {metric!r}")
+        self.candidates = candidates
+        self.data = data
+        self.effective_bits = float(effective_bits)
+        self.fallback = fallback
+        self.metric = metric
+        self.calibrator = calibrator
+        self.progress = progress
+
+    def requires(self, graph: torch.fx.GraphModule) -> None:
+        if AUTO_PRECISION_META in graph.meta:
+            return  # planned already: a second run leaves it
+        if any(QUANT_META in n.meta for n in graph.graph.nodes):
+            raise PreconditionError("auto-precision plans a float graph: run it instead of `annotate`, not after it")
+
+    def call(self, graph: torch.fx.GraphModule) -> PassResult:
+        if AUTO_PRECISION_META in graph.meta:
+            return PassResult(graph, False, {"quantized": 0, "float": 0, "upgraded": 0})
+        if iter(self.data) is self.data:
+            raise QGraphError("auto-precision reads the data once per trial: pass a list, not a one-shot iterator")
+        names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+        with torch.no_grad():
+            reference = [_first_output(graph(*batch_args(b, names))) for b in self.data]
+        if not reference:
+            raise QGraphError("auto-precision needs calibration data: got no batches")
+        sizes, bits = self._layers(graph)
+        if not sizes:
+            raise PreconditionError("auto-precision: the base recipe quantizes no weight here; nothing to choose")
+        total = sum(sizes.values())
+        base_bits = sum(bits[0][n] * sizes[n] for n in sizes) / total
+        if self.effective_bits < base_bits - 1e-9:
+            raise PreconditionError(
+                f"auto-precision: effective_bits {self.effective_bits:g} is below the base recipe's own "
+                f"{base_bits:.3g} bits per weight"
+            )
+        trials = [(n, c) for n in sizes for c in range(1, len(self.candidates)) if bits[c][n] > bits[0][n]]
+        bar = tqdm(total=len(trials) + 2, desc="auto-precision", unit="trial", disable=not self.progress)
+        base_error = self._score(graph, {}, reference, names)
+        bar.update()
+        gains = {}
+        for name, c in trials:
+            gains[name, c] = base_error - self._score(graph, {name: c}, reference, names)
+            bar.update()
+        chosen, budget = {}, (self.effective_bits - base_bits) * total
+        ranked = sorted(trials, key=lambda t: gains[t] / ((bits[t[1]][t[0]] - bits[0][t[0]]) * sizes[t[0]]), reverse=True)
+        for name, c in ranked:
+            cost = (bits[c][name] - bits[0][name]) * sizes[name]
+            if name not in chosen and gains[name, c] > 0 and cost <= budget + 1e-6:
+                chosen[name] = c
+                budget -= cost
+        error = self._score(graph, chosen, reference, names) if chosen else base_error
+        bar.update()
+        bar.close()
+        result = Annotate(self.candidates[0], self._overrides(chosen), self.fallback)(graph)
+        achieved = sum(bits[chosen.get(n, 0)][n] * sizes[n] for n in sizes) / total
+        graph.meta[AUTO_PRECISION_META] = {
+            "effective_bits": achieved,
+            "base_error": base_error,
+            "error": error,
+            "layers": {
+                n: {
+                    "recipe": self.candidates[chosen.get(n, 0)].precision,
+                    "weights": sizes[n],
+                    "gains": {self.candidates[c].precision: gains[n, c] for (m, c) in trials if m == n},
+                }
+                for n in sizes
+            },
+        }
+        logger.info(
+            "auto-precision: %d of %d layers upgraded, %.3g bits per weight, %s %.4g -> %.4g",
+            len(chosen), len(sizes), achieved, self.metric, base_error, error,
+        )
+        return PassResult(graph, result.modified, {**result.counts, "upgraded": len(chosen)})
+
+    def _layers(self, graph: torch.fx.GraphModule) -> tuple[dict[str, int], list[dict[str, float]]]:
+        """(weight elements of each layer the base recipe quantizes, bits per weight of each
+        layer in each candidate), from one annotation per candidate on a copy of the graph."""
+        sizes, bits = {}, []
+        for i, rules in enumerate(self.candidates):
+            gm = _annotated(graph, rules, {}, self.fallback)
+            per_layer = {}
+            for node in gm.graph.nodes:
+                for index, spec in node.meta.get(QUANT_META, {}).items():
+                    if spec.role == "weight":
+                        per_layer[node.name] = weight_bits(spec)
+                        if i == 0:
+                            sizes[node.name] = constant_value(gm, node.args[index]).numel()
+            bits.append({n: per_layer.get(n, 32.0) for n in sizes} if i else per_layer)
+        return sizes, bits
+
+    def _overrides(self, chosen: dict[str, int]) -> list[tuple[str, BackendRules]]:
+        # node names are identifiers: no fnmatch wildcards in them
+        return [(name, self.candidates[c]) for name, c in chosen.items()]
+
+    def _score(self, graph: torch.fx.GraphModule, chosen: dict[str, int], reference: list, names: list[str]) -> float:
+        """The error of PTQ with the layers in ``chosen`` upgraded, over the data."""
+        gm = _annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback)
+        InsertObservers(self.calibrator)(gm)
+        Calibrate(self.data)(gm)
+        InsertQDQ()(gm)
+        num = den = 0.0
+        with torch.no_grad():
+            for batch, ref in zip(self.data, reference, strict=True):
+                out = _first_output(gm(*batch_args(batch, names))).to(torch.float64)
+                ref = ref.to(torch.float64)
+                if self.metric == "kl":
+                    logp, logq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+                    num += float((logp.exp() * (logp - logq)).sum())
+                    den += ref.numel() / ref.shape[-1]
+                else:
+                    num += float((out - ref).square().sum())
+                    den += float(ref.square().sum())
+        return num / den if den else 0.0
+
+
+def _annotated(
+    graph: torch.fx.GraphModule, rules: BackendRules, overrides: list, fallback: object
+) -> torch.fx.GraphModule:
+    gm = copy.deepcopy(graph)
+    Annotate(rules, overrides, fallback)(gm)
+    return gm
+
+
+def _first_output(out: object) -> torch.Tensor:
+    leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise QGraphError("auto-precision scores the model's first output: it returned no tensor")
+    return leaves[0].detach()
