@@ -48,6 +48,7 @@ from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
 from qgraph.quant import QSpec
 from qgraph.rules import BackendRules
+from qgraph.views import module_path
 
 __all__ = ["AUTO_PRECISION_META", "AutoPrecision", "weight_bits"]
 
@@ -135,6 +136,10 @@ class AutoPrecision(Pass):
         sizes, bits = self._layers(graph)
         if not sizes:
             raise PreconditionError("auto-precision: the base recipe quantizes no weight here; nothing to choose")
+        ops = [n for n in graph.graph.nodes if n.op == "call_function"]
+        clash = next(((module_path(o), o.name) for o in ops if module_path(o) in sizes and module_path(o) != o.name), None)
+        if clash is not None:  # an override by node name would also match that module's ops
+            raise QGraphError(f"auto-precision: layer {clash[0]!r} is named like the module of node {clash[1]!r}")
         total = sum(sizes.values())
         base_bits = sum(bits[0][n] * sizes[n] for n in sizes) / total
         if self.effective_bits < base_bits - 1e-9:
@@ -198,7 +203,8 @@ class AutoPrecision(Pass):
         return sizes, bits
 
     def _overrides(self, chosen: dict[str, int]) -> list[tuple[str, BackendRules]]:
-        # node names are identifiers: no fnmatch wildcards in them
+        # node names are identifiers: no fnmatch wildcards in them (clashes with module paths
+        # are refused in call)
         return [(name, self.candidates[c]) for name, c in chosen.items()]
 
     def _score(self, graph: torch.fx.GraphModule, chosen: dict[str, int], reference: list, names: list[str]) -> float:

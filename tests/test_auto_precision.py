@@ -150,3 +150,25 @@ def test_weight_bits_of_the_recipes():
     bits = {r.precision: weight_bits(r.weight) for r in (tensorrt.NVFP4, tensorrt.FP8, tensorrt.INT8, tensorrt.W4A16)}
     assert bits == {"nvfp4": 4.5, "fp8": 8.0, "int8": 8.0, "w4a16": 4.25}
     assert weight_bits(None) == 32.0
+
+
+def test_negative_a_layer_named_like_another_modules_path():
+    """An override by node name also matches ops whose module path is that name: refused."""
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return F.gelu(x)
+
+    class Clash(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.linear, self.last = torch.nn.Linear(32, 32), Act(), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.last(self.linear(self.first(x)))
+
+    gm = qgraph.capture(Clash().eval(), (torch.randn(4, 32),))
+    names = {n.name for n in gm.graph.nodes}
+    assert "linear" in names  # the first module's op, while module `linear` holds the GELU
+    with pytest.raises(QGraphError, match="layer 'linear' is named like the module of node 'gelu'"):
+        AutoPrecision(CANDIDATES, [torch.randn(4, 32)], effective_bits=6.0, fallback=True)(gm)
