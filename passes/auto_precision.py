@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -90,7 +90,7 @@ class AutoPrecision(Pass):
     """
 
     name = "auto-precision"
-    context_keys = ("data", "progress")
+    context_keys = ("rules", "recipes", "overrides", "fallback", "data", "progress")
 
     def __init__(
         self,
@@ -101,10 +101,26 @@ class AutoPrecision(Pass):
         metric: Literal["mse", "kl"] = "mse",
         calibrator: str = "max",
         progress: bool = False,
+        *,
+        upgrade: str = "",
+        rules: BackendRules | None = None,
+        recipes: Mapping[str, BackendRules] | None = None,
+        overrides: Sequence = (),
     ) -> None:
+        """``upgrade``, ``rules``, ``recipes`` and ``overrides`` are for pipeline specs
+        (``auto-precision(effective_bits=5,upgrade=fp8)`` in ``qgraph lower --pipeline``): the
+        candidates are then ``rules`` (the lowering's recipe) and the ``+``-separated recipe names
+        of ``upgrade`` looked up in ``recipes`` (the backend's), and ``--override`` is refused."""
+        if upgrade:
+            candidates = _from_spec(candidates, upgrade, rules, recipes)
+        if overrides:
+            raise PreconditionError("auto-precision chooses each layer's recipe itself: drop the per-layer overrides (--override)")
         candidates = tuple(candidates)
         if len(candidates) < 2 or not all(isinstance(c, BackendRules) for c in candidates):
-            raise PreconditionError("auto-precision: give at least two candidate recipes (rule sets), the cheapest first")
+            raise PreconditionError(
+                "auto-precision: give at least two candidate recipes (rule sets), the cheapest first "
+                "(in a pipeline spec: upgrade=RECIPE)"
+            )
         if isinstance(effective_bits, bool) or not isinstance(effective_bits, (int, float)) or effective_bits <= 0:
             raise PreconditionError(f"auto-precision: effective_bits must be a positive number, got {effective_bits!r}")
         if metric not in ("mse", "kl"):
@@ -135,16 +151,18 @@ class AutoPrecision(Pass):
             raise QGraphError("auto-precision needs calibration data: got no batches")
         sizes, bits = self._layers(graph)
         if not sizes:
-            raise PreconditionError("auto-precision: the base recipe quantizes no weight here; nothing to choose")
+            raise PreconditionError("the base recipe quantizes no weight here: auto-precision has nothing to choose")
         ops = [n for n in graph.graph.nodes if n.op == "call_function"]
         clash = next(((module_path(o), o.name) for o in ops if module_path(o) in sizes and module_path(o) != o.name), None)
         if clash is not None:  # an override by node name would also match that module's ops
-            raise QGraphError(f"auto-precision: layer {clash[0]!r} is named like the module of node {clash[1]!r}")
+            raise QGraphError(
+                f"layer {clash[0]!r} is named like the module of node {clash[1]!r}: an override would match both"
+            )
         total = sum(sizes.values())
         base_bits = sum(bits[0][n] * sizes[n] for n in sizes) / total
         if self.effective_bits < base_bits - 1e-9:
             raise PreconditionError(
-                f"auto-precision: effective_bits {self.effective_bits:g} is below the base recipe's own "
+                f"effective_bits {self.effective_bits:g} is below the base recipe's own "
                 f"{base_bits:.3g} bits per weight"
             )
         trials = [(n, c) for n in sizes for c in range(1, len(self.candidates)) if bits[c][n] > bits[0][n]]
@@ -226,6 +244,21 @@ class AutoPrecision(Pass):
                     num += float((out - ref).square().sum())
                     den += float(ref.square().sum())
         return num / den if den else 0.0
+
+
+def _from_spec(
+    candidates: Sequence[BackendRules], upgrade: str, rules: BackendRules | None, recipes: Mapping | None
+) -> tuple[BackendRules, ...]:
+    """The candidates a pipeline spec names: the lowering's recipe, then each of ``upgrade``."""
+    if candidates:
+        raise PreconditionError("auto-precision: give candidates or upgrade, not both")
+    if rules is None or recipes is None:
+        raise PreconditionError("auto-precision: upgrade names a backend's recipes; outside `qgraph lower` pass candidates")
+    names = upgrade.split("+")
+    unknown = next((n for n in names if n not in recipes), None)
+    if unknown is not None:
+        raise PreconditionError(f"auto-precision: unknown recipe {unknown!r} in upgrade (known: {', '.join(recipes)})")
+    return (rules, *(recipes[n] for n in names))
 
 
 def _annotated(

@@ -145,6 +145,8 @@ def _lower(args: argparse.Namespace) -> int:
             f"{counts.get('insert-qdq.activations', 0)} activation and "
             f"{counts.get('insert-qdq.weights', 0)} weight quantizers"
         )
+        if "auto-precision.upgraded" in counts:
+            print(f"auto-precision: {counts['auto-precision.upgraded']} layer(s) upgraded to a wider recipe")
         for line in result.plan:
             print(line)
         print(f"calibration: {result.calib_samples} samples in {calib:.2f} s")

@@ -119,6 +119,7 @@ def quantize(
     dump_dir: str | Path | None = None,
     overrides=(),  # noqa: ANN001 - [(pattern, BackendRules | None)]
     fallback=None,  # noqa: ANN001 - BackendRules | "float" | None
+    recipes=None,  # noqa: ANN001 - the backend's recipes by name (auto-precision's upgrade=)
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Run a pipeline spec on ``gm`` in place; returns (counts, seconds per pass)."""
     from qgraph.passes import PASSES
@@ -130,6 +131,7 @@ def quantize(
         PASSES,
         context={
             "rules": rules,
+            "recipes": recipes,
             "overrides": overrides,
             "fallback": fallback,
             "data": data,
@@ -196,6 +198,7 @@ def lower_file(
         dump_dir=dump_dir,
         overrides=override_rules,
         fallback=fallback_rules,
+        recipes=module.RULES,
     )
     kinds = {type(m).__name__ for m in gm.modules()}
     if "Observer" in kinds:
@@ -242,7 +245,7 @@ def _lower_onnx_file(
     data = CalibrationData(calib_path, specs, batch_size, exact=static_batch is not None)
     counts, seconds = quantize(
         model, data, rules=rules, pipeline=pipeline, progress=progress, dump_dir=dump_dir,
-        overrides=overrides, fallback=fallback,
+        overrides=overrides, fallback=fallback, recipes=module.RULES,
     )
     if not any(n.op_type == "DequantizeLinear" for n in model.graph):
         raise QGraphError("pipeline quantized nothing: it needs annotate, insert-observers, calibrate, insert-qdq")

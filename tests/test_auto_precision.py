@@ -129,7 +129,13 @@ def test_negative_no_room_no_upgrade_and_bad_input():
     with pytest.raises(PreconditionError, match="metric must be"):
         AutoPrecision(CANDIDATES, data, effective_bits=6.0, metric="cosine")
     with pytest.raises(PreconditionError, match="at least two candidate"):
-        PASSES["auto-precision"]()  # from a pipeline spec it has no recipes: Python only
+        PASSES["auto-precision"]()  # a spec without upgrade= names no recipe
+    with pytest.raises(PreconditionError, match="outside `qgraph lower` pass candidates"):
+        AutoPrecision(data=data, effective_bits=6.0, upgrade="fp8")
+    with pytest.raises(PreconditionError, match="candidates or upgrade, not both"):
+        AutoPrecision(CANDIDATES, data, effective_bits=6.0, upgrade="fp8", rules=tensorrt.NVFP4, recipes=tensorrt.RULES)
+    spec = AutoPrecision(data=data, effective_bits=6.0, upgrade="fp8+int8", rules=tensorrt.NVFP4, recipes=tensorrt.RULES)
+    assert spec.candidates == (tensorrt.NVFP4, tensorrt.FP8, tensorrt.INT8)
 
 
 def test_verifier_and_lowering_of_the_mixed_plan():

@@ -499,3 +499,23 @@ def test_output_naming_a_folder_is_refused(model_file, calib_file, tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("qgraph: error: ") and err.count("\n") == 1 and "names a folder" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lower_with_auto_precision_in_the_pipeline(model_file, calib_file, tmp_path, capsys):
+    """`auto-precision(effective_bits=…,upgrade=…)` takes the lowering's recipe as its base and the
+    backend's recipes by name; its upgrades are deployed (FP8 weight codes beside NVFP4 ones)."""
+    out = tmp_path / "mixed.onnx"
+    spec = "auto-precision(effective_bits=6,upgrade=fp8,metric=kl),insert-observers,calibrate,insert-qdq"
+    args = ["lower", str(model_file), "-o", str(out), "--calib", str(calib_file), "--precision", "nvfp4"]
+    assert main(args + ["--pipeline", spec]) == 0
+    printed = capsys.readouterr().out
+    upgraded = int(re.search(r"auto-precision: (\d+) layer\(s\) upgraded", printed).group(1))
+    codes = [i.data_type for i in onnx.load(str(out)).graph.initializer if ".weight_quantized" in i.name]
+    assert 1 <= upgraded < 3 and codes.count(onnx.TensorProto.FLOAT8E4M3FN) == upgraded, printed
+    assert codes.count(onnx.TensorProto.FLOAT4E2M1) == 3 - upgraded
+    bad = "auto-precision(effective_bits=6,upgrade=fp9),insert-observers,calibrate,insert-qdq"
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "nvfp4", "--pipeline", bad)
+    assert "unknown recipe 'fp9' in upgrade (known: int8, fp8" in err
+    err = _bad(tmp_path, model_file, calib_file, capsys, "--precision", "nvfp4", "--override", "@last=fp8",
+               "--pipeline", spec)
+    assert "drop the per-layer overrides (--override)" in err

@@ -376,7 +376,7 @@ def test_bad_specs_raise_input_error(spec, message):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("fold-batchnorm,fold-bn", "unknown pass 'fold-bn' (known: annotate, calibrate, "),
+        ("fold-batchnorm,fold-bn", "unknown pass 'fold-bn' (known: annotate, auto-precision, calibrate, "),
         ("fold-batchnorm(x=1)", "bad options for fold-batchnorm"),
         ("insert-observers(calibrator=minmax)", "insert-observers"),
         ("insert-observers(bins=many)", "insert-observers"),
