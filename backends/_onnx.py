@@ -306,7 +306,7 @@ def _sharing_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     import copy
 
     new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    new.meta = dict(gm.meta)
+    new.meta = dict(gm.meta)  # top-level keys only: what the lowering pops or replaces
     new.training = gm.training
     return new
 
@@ -354,6 +354,8 @@ def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     in float32), so the reference form runs the deployed weights on any runtime. ``gm`` is left
     as it was; the result shares its other modules and tensors (see :func:`_sharing_copy`).
     """
+    import copy
+
     from qgraph.graph import constant_value, unique_attr_name
     from qgraph.quant import FakeQuant
 
@@ -365,8 +367,8 @@ def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         module = gm.get_submodule(node.target)
         if module.spec.role != "weight" or not isinstance(src, torch.fx.Node) or src.op != "get_attr":
             continue
-        with torch.no_grad():
-            decoded = module(constant_value(gm, src)).detach().clone()
+        with torch.no_grad():  # through a copy: a weight-tracking quantizer writes its scales
+            decoded = copy.deepcopy(module)(constant_value(gm, src)).detach().clone()
         name = unique_attr_name(gm, f"{node.target}_decoded")
         gm.register_buffer(name, decoded)
         with gm.graph.inserting_before(node):

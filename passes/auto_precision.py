@@ -9,16 +9,26 @@ its upgrade lowers the error; its *cost* is the extra weight storage:
 
     bits(recipe) = element bits + scale bits / block size     (NVFP4 4.5, MXFP8 8.25, FP8 8, INT4 blocks of 128: 4.25)
 
-Upgrades are taken greedily by gain per extra bit (each layer at most once; no upgrade that does
-not lower the error) while the weights' mean bits, weighted by their sizes, stay within
-``effective_bits``. Errors are treated as adding up, which they only roughly do: the plan is scored
-once more as a whole, and that measured error is what the pass reports. The plan is an
-``annotate`` with one override per upgraded layer, so the rest of the pipeline (observers,
-calibration, insert-qdq, QAT, the backends) runs on it unchanged.
+Upgrades are taken greedily by gain per extra bit (each layer at most once, in the first
+candidate it is ranked for; no upgrade that does not lower the error) while the weights' mean
+bits, weighted by their sizes, stay within ``effective_bits``. Errors are treated as adding up,
+which they only roughly do: the plan is scored once more as a whole, and that measured error is
+what the pass reports (a plan that measures worse than the base keeps only its best upgrade).
+
+Only layers the base recipe quantizes are considered, each offered the candidates that run it
+without fallback; layers that share a weight stay in the base recipe. The data is read once and
+kept (every trial sees the same batches). Under torchrun every rank must run the pass on its own
+share: the trials calibrate across ranks as ``calibrate`` does and their errors are summed over
+the ranks, so every rank makes the same plan.
+
+The plan is an ``annotate`` with one override per upgraded layer, so the rest of the pipeline
+(observers, calibration, insert-qdq, QAT, the backends) runs on it unchanged.
 
 Cost: one calibration and one scoring of the data per layer and wider candidate, plus two, each
-on a copy of the graph. It suits models up to a few hundred layers; ModelOpt's ``auto_quantize``
-estimates the same gains from gradients instead, which is cheaper and rougher.
+on a copy of the graph (weights included: the model is held twice while the pass runs), and the
+float model's first output on every batch is kept. It suits models up to a few hundred layers;
+ModelOpt's ``auto_quantize`` estimates the same gains from gradients instead, which is cheaper
+and rougher.
 
 Errors: ``mse`` (default) is the squared error of the first output over its square (summed over
 the data); ``kl`` is KL(float ‖ quantized) of the softmax over the first output's last axis, the
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -38,7 +49,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from qgraph._errors import PreconditionError, QGraphError
+from qgraph import _dist
+from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
 from qgraph.graph import constant_value
 from qgraph.passes._util import QUANT_META, batch_args
@@ -46,7 +58,7 @@ from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
-from qgraph.quant import QSpec
+from qgraph.quant import FALLBACK_META, QSpec
 from qgraph.rules import BackendRules
 from qgraph.views import module_path
 
@@ -75,7 +87,7 @@ class AutoPrecision(Pass):
     Args:
         candidates: the recipes to choose from (a backend's rule sets), the cheapest first: the
             base every layer starts in, e.g. ``[tensorrt.NVFP4, tensorrt.FP8]``.
-        data: calibration batches (as for ``calibrate``), re-iterable: read once per trial.
+        data: calibration batches (as for ``calibrate``), read once and kept.
         effective_bits: the budget, mean storage bits per weight element over the quantized
             layers (e.g. 5.0: NVFP4 with about one parameter in seven at FP8).
         fallback: as ``annotate``'s, for every trial and the plan.
@@ -111,6 +123,8 @@ class AutoPrecision(Pass):
         (``auto-precision(effective_bits=5,upgrade=fp8)`` in ``qgraph lower --pipeline``): the
         candidates are then ``rules`` (the lowering's recipe) and the ``+``-separated recipe names
         of ``upgrade`` looked up in ``recipes`` (the backend's), and ``--override`` is refused."""
+        if not isinstance(upgrade, str):
+            raise PreconditionError(f"auto-precision: upgrade must name recipes (fp8, or fp8+int8), got {upgrade!r}")
         if upgrade:
             candidates = _from_spec(candidates, upgrade, rules, recipes)
         if overrides:
@@ -130,62 +144,103 @@ class AutoPrecision(Pass):
         self.effective_bits = float(effective_bits)
         self.fallback = fallback
         self.metric = metric
+        InsertObservers(calibrator)  # a calibrator it does not know fails here, not after the reference pass
         self.calibrator = calibrator
         self.progress = progress
+        self.upgrade = upgrade
+
+    def options(self) -> dict[str, object]:
+        opts: dict[str, object] = {"effective_bits": self.effective_bits}
+        if self.upgrade:
+            opts["upgrade"] = self.upgrade
+        if self.metric != "mse":
+            opts["metric"] = self.metric
+        if self.calibrator != "max":
+            opts["calibrator"] = self.calibrator
+        return opts
 
     def requires(self, graph: torch.fx.GraphModule) -> None:
         if AUTO_PRECISION_META in graph.meta:
-            return  # planned already: a second run leaves it
+            return  # planned already: call says whether with these settings
         if any(QUANT_META in n.meta for n in graph.graph.nodes):
             raise PreconditionError("auto-precision plans a float graph: run it instead of `annotate`, not after it")
 
+    def _config(self) -> dict[str, object]:
+        fallback = self.fallback.precision if isinstance(self.fallback, BackendRules) else self.fallback
+        return {"candidates": [f"{c.backend} {c.precision}" for c in self.candidates], "budget": self.effective_bits,
+                "metric": self.metric, "calibrator": self.calibrator, "fallback": fallback}
+
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
-        if AUTO_PRECISION_META in graph.meta:
+        planned = graph.meta.get(AUTO_PRECISION_META)
+        if planned is not None:
+            if planned["config"] != self._config():
+                raise PreconditionError(
+                    f"this graph was planned by auto-precision with {planned['config']}: plan a fresh capture"
+                )
             return PassResult(graph, False, {"quantized": 0, "float": 0, "upgraded": 0})
-        if iter(self.data) is self.data:
-            raise QGraphError("auto-precision reads the data once per trial: pass a list, not a one-shot iterator")
+        data = list(self.data)  # read once: every trial sees the same batches in the same order
         names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-        with torch.no_grad():
-            reference = [_first_output(graph(*batch_args(b, names))) for b in self.data]
-        if not reference:
-            raise QGraphError("auto-precision needs calibration data: got no batches")
+        ranks = _dist.world(None, "auto-precision")
+        reference, error = [], None
+        try:
+            with torch.no_grad():
+                reference = [_first_output(graph(*batch_args(b, names))) for b in data]
+            self._check(reference)
+        except QGraphError as exc:
+            error = exc
+        if ranks > 1:  # every rank learns of a failure before the trials' collectives
+            _dist.agree(error, "auto-precision")
+        elif error is not None:
+            raise error
         sizes, bits = self._layers(graph)
         if not sizes:
             raise PreconditionError("the base recipe quantizes no weight here: auto-precision has nothing to choose")
         ops = [n for n in graph.graph.nodes if n.op == "call_function"]
         clash = next(((module_path(o), o.name) for o in ops if module_path(o) in sizes and module_path(o) != o.name), None)
         if clash is not None:  # an override by node name would also match that module's ops
-            raise QGraphError(
+            raise PreconditionError(
                 f"layer {clash[0]!r} is named like the module of node {clash[1]!r}: an override would match both"
             )
         total = sum(sizes.values())
         base_bits = sum(bits[0][n] * sizes[n] for n in sizes) / total
         if self.effective_bits < base_bits - 1e-9:
             raise PreconditionError(
-                f"effective_bits {self.effective_bits:g} is below the base recipe's own "
-                f"{base_bits:.3g} bits per weight"
+                f"effective_bits {self.effective_bits:g} is below the base recipe's own {base_bits:.3g} bits per weight"
             )
-        trials = [(n, c) for n in sizes for c in range(1, len(self.candidates)) if bits[c][n] > bits[0][n]]
+        trials = [(n, c) for n in sizes for c in range(1, len(self.candidates)) if bits[c].get(n, 0.0) > bits[0][n]]
+        if not trials:
+            raise PreconditionError("no candidate runs any layer in more bits than the base recipe: nothing to upgrade")
+
+        def score(chosen: dict[str, int]) -> float:
+            return self._score(graph, chosen, data, reference, names, ranks)
+
         bar = tqdm(total=len(trials) + 2, desc="auto-precision", unit="trial", disable=not self.progress)
-        base_error = self._score(graph, {}, reference, names)
+        base_error = score({})
         bar.update()
         gains = {}
         for name, c in trials:
-            gains[name, c] = base_error - self._score(graph, {name: c}, reference, names)
+            gains[name, c] = base_error - score({name: c})
             bar.update()
-        chosen, budget = {}, (self.effective_bits - base_bits) * total
-        ranked = sorted(trials, key=lambda t: gains[t] / ((bits[t[1]][t[0]] - bits[0][t[0]]) * sizes[t[0]]), reverse=True)
-        for name, c in ranked:
-            cost = (bits[c][name] - bits[0][name]) * sizes[name]
-            if name not in chosen and gains[name, c] > 0 and cost <= budget + 1e-6:
+        # greedy by gain per extra bit, each layer once: a wider candidate ranked below a layer's
+        # first choice is not considered for it again
+        chosen, budget = {}, (self.effective_bits - base_bits) * total + 1e-9 * total
+        cost = {(n, c): (bits[c][n] - bits[0][n]) * sizes[n] for n, c in trials}
+        for name, c in sorted(trials, key=lambda t: gains[t] / cost[t], reverse=True):
+            if name not in chosen and gains[name, c] > 0 and cost[name, c] <= budget:
                 chosen[name] = c
-                budget -= cost
-        error = self._score(graph, chosen, reference, names) if chosen else base_error
+                budget -= cost[name, c]
+        error = score(chosen) if chosen else base_error
         bar.update()
         bar.close()
+        if error > base_error:  # the gains did not add up: keep the best single upgrade, measured
+            best = max(chosen.items(), key=lambda item: gains[item])
+            logger.warning("auto-precision: the plan measured %.4g, above the base's %.4g; keeping only %s",
+                           error, base_error, best[0])
+            chosen, error = dict([best]), base_error - gains[best]
         result = Annotate(self.candidates[0], self._overrides(chosen), self.fallback)(graph)
         achieved = sum(bits[chosen.get(n, 0)][n] * sizes[n] for n in sizes) / total
         graph.meta[AUTO_PRECISION_META] = {
+            "config": self._config(),
             "effective_bits": achieved,
             "base_error": base_error,
             "error": error,
@@ -204,46 +259,84 @@ class AutoPrecision(Pass):
         )
         return PassResult(graph, result.modified, {**result.counts, "upgraded": len(chosen)})
 
+    def _check(self, reference: list[torch.Tensor]) -> None:
+        """Refuse data the metric cannot score."""
+        if not reference:
+            raise QGraphError("auto-precision needs calibration data: got no batches")
+        if self.metric == "kl":
+            if any(r.dim() == 0 or r.shape[-1] < 2 for r in reference):
+                raise QGraphError("metric 'kl' needs logits: the model's first output has no class axis of 2 or more")
+            if any(bool(torch.isnan(r).any() or torch.isposinf(r).any()) for r in reference):
+                raise QGraphError("the float model's first output has NaN or +inf on the data")
+        else:
+            if not all(bool(torch.isfinite(r).all()) for r in reference):
+                raise QGraphError("the float model's first output is not finite on the data")
+            if not any(bool(r.any()) for r in reference):
+                raise QGraphError("the float model's first output is zero on every batch: mse has no scale")
+
     def _layers(self, graph: torch.fx.GraphModule) -> tuple[dict[str, int], list[dict[str, float]]]:
         """(weight elements of each layer the base recipe quantizes, bits per weight of each
-        layer in each candidate), from one annotation per candidate on a copy of the graph."""
-        sizes, bits = {}, []
+        layer in each candidate that runs it), from one annotation per candidate on a copy of
+        the graph. A wider candidate is surveyed without fallback: a layer it cannot run itself
+        (or would leave in float) is not offered it. Layers sharing a weight stay in the base
+        recipe and out of the budget (one tensor cannot be stored two ways)."""
+        sizes, bits, weights = {}, [], {}
         for i, rules in enumerate(self.candidates):
-            gm = _annotated(graph, rules, {}, self.fallback)
+            gm = _annotated(graph, rules, [], self.fallback if i == 0 else "float")
             per_layer = {}
             for node in gm.graph.nodes:
                 for index, spec in node.meta.get(QUANT_META, {}).items():
-                    if spec.role == "weight":
+                    if spec.role == "weight" and not (i and node.meta.get(FALLBACK_META)):
                         per_layer[node.name] = weight_bits(spec)
                         if i == 0:
                             sizes[node.name] = constant_value(gm, node.args[index]).numel()
-            bits.append({n: per_layer.get(n, 32.0) for n in sizes} if i else per_layer)
-        return sizes, bits
+                            weights[node.name] = node.args[index].target
+            bits.append(per_layer)
+        uses = Counter(weights.values())
+        shared = [n for n, target in weights.items() if uses[target] > 1]
+        if shared:
+            logger.debug("auto-precision leaves %s in the base recipe: they share a weight", ", ".join(shared))
+        return {n: size for n, size in sizes.items() if n not in shared}, bits
 
     def _overrides(self, chosen: dict[str, int]) -> list[tuple[str, BackendRules]]:
         # node names are identifiers: no fnmatch wildcards in them (clashes with module paths
         # are refused in call)
         return [(name, self.candidates[c]) for name, c in chosen.items()]
 
-    def _score(self, graph: torch.fx.GraphModule, chosen: dict[str, int], reference: list, names: list[str]) -> float:
-        """The error of PTQ with the layers in ``chosen`` upgraded, over the data."""
+    def _score(
+        self, graph: torch.fx.GraphModule, chosen: dict[str, int], data: list, reference: list, names: list[str],
+        ranks: int,
+    ) -> float:
+        """The error of PTQ with the layers in ``chosen`` upgraded, over the data (of every rank:
+        calibration merges across ranks as ``calibrate`` does, and so do the error sums)."""
         gm = _annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback)
         InsertObservers(self.calibrator)(gm)
-        Calibrate(self.data)(gm)
+        Calibrate(data)(gm)
         InsertQDQ()(gm)
-        num = den = 0.0
-        with torch.no_grad():
-            for batch, ref in zip(self.data, reference, strict=True):
-                out = _first_output(gm(*batch_args(batch, names))).to(torch.float64)
-                ref = ref.to(torch.float64)
-                if self.metric == "kl":
-                    logp, logq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
-                    num += float((logp.exp() * (logp - logq)).sum())
-                    den += ref.numel() / ref.shape[-1]
-                else:
-                    num += float((out - ref).square().sum())
-                    den += float(ref.square().sum())
-        return num / den if den else 0.0
+        sums, error = torch.zeros(2, dtype=torch.float64), None
+        try:
+            with torch.no_grad():
+                for batch, ref in zip(data, reference, strict=True):
+                    sums += self._error(_first_output(gm(*batch_args(batch, names))), ref)
+        except Exception as exc:  # noqa: BLE001 - the user's model: one line naming it
+            error = QGraphError(f"the quantized model failed on the data: {first_line(exc)}")
+        if ranks > 1:
+            _dist.agree(error, "auto-precision")
+            sums = _dist.all_reduce(sums)
+        elif error is not None:
+            raise error
+        num, den = sums.tolist()
+        return num / den
+
+    def _error(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """(error sum, normaliser) of one batch, float64."""
+        out, ref = out.to(torch.float64), ref.to(torch.float64)
+        if self.metric == "kl":  # KL(float || quantized) per row; masked (-inf) classes add 0
+            logp, logq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+            p = logp.exp()
+            terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+            return torch.stack([terms.sum(), torch.tensor(ref.numel() / ref.shape[-1], dtype=torch.float64)])
+        return torch.stack([(out - ref).square().sum(), ref.square().sum()])
 
 
 def _from_spec(

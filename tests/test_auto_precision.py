@@ -100,7 +100,7 @@ def test_idempotent_and_the_float_weights_untouched():
     weights = {k: v.clone() for k, v in gm.state_dict().items()}
     AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True)(gm)
     before = {n.name: dict(n.meta.get(QUANT_META, {})) for n in gm.graph.nodes}
-    again = AutoPrecision(CANDIDATES, data, effective_bits=8.0, fallback=True)(gm)
+    again = AutoPrecision(CANDIDATES, iter(data), effective_bits=6.0, fallback=True)(gm)  # any iterable
     assert not again.modified and again.counts["upgraded"] == 0
     assert {n.name: dict(n.meta.get(QUANT_META, {})) for n in gm.graph.nodes} == before
     assert all(torch.equal(v, weights[k]) for k, v in gm.state_dict().items())  # trials ran on copies
@@ -120,8 +120,18 @@ def test_negative_no_room_no_upgrade_and_bad_input():
         AutoPrecision(CANDIDATES, data, effective_bits=4.2, fallback=True)(fresh)
     with pytest.raises(PreconditionError, match="run it instead of `annotate`"):
         AutoPrecision(CANDIDATES, data, effective_bits=6.0)(plain)
-    with pytest.raises(QGraphError, match="not a one-shot iterator"):
-        AutoPrecision(CANDIDATES, iter(data), effective_bits=6.0, fallback=True)(fresh)
+    with pytest.raises(PreconditionError, match="planned by auto-precision with .* plan a fresh capture"):
+        AutoPrecision(CANDIDATES, data, effective_bits=8.0, fallback=True)(gm)  # other settings
+    linear = qgraph.capture(torch.nn.Linear(32, 32, bias=False).eval(), (torch.randn(4, 32),))
+    with pytest.raises(QGraphError, match="zero on every batch: mse has no scale"):
+        AutoPrecision(CANDIDATES, [torch.zeros(4, 32)], effective_bits=6.0, fallback=True)(linear)
+    with pytest.raises(QGraphError, match="metric 'kl' needs logits"):
+        AutoPrecision(CANDIDATES, [torch.zeros(4, 1)], effective_bits=6.0, metric="kl")(
+            qgraph.capture(torch.nn.Linear(1, 1).eval(), (torch.randn(4, 1),)))
+    with pytest.raises(PreconditionError, match="nothing to upgrade"):  # FP8 is no wider than INT8
+        AutoPrecision([tensorrt.INT8, tensorrt.FP8], data, effective_bits=8.0, fallback=True)(fresh)
+    with pytest.raises(PreconditionError, match="upgrade must name recipes"):
+        AutoPrecision(data=data, effective_bits=6.0, upgrade=8)
     with pytest.raises(PreconditionError, match="at least two candidate recipes"):
         AutoPrecision([tensorrt.NVFP4], data, effective_bits=6.0)
     with pytest.raises(PreconditionError, match="effective_bits must be a positive number"):
@@ -178,3 +188,25 @@ def test_negative_a_layer_named_like_another_modules_path():
     assert "linear" in names  # the first module's op, while module `linear` holds the GELU
     with pytest.raises(QGraphError, match="layer 'linear' is named like the module of node 'gelu'"):
         AutoPrecision(CANDIDATES, [torch.randn(4, 32)], effective_bits=6.0, fallback=True)(gm)
+
+
+def test_negative_layers_a_candidate_cannot_run_or_that_share_a_weight_are_not_offered_it():
+    """MXFP8 blocks of 32 cannot run a 48-wide reduction: that layer keeps NVFP4, the next is
+    offered MXFP8; a Linear called twice (one weight, two layers) stays in the base recipe."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.tied = torch.nn.Linear(48, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.tied(self.tied(F.gelu(self.b(F.gelu(self.a(x))))))
+
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 48, generator=g) for _ in range(2)]
+    gm = qgraph.capture(Net().eval(), (data[0],))
+    AutoPrecision([tensorrt.NVFP4, tensorrt.MXFP8], data, effective_bits=9.0)(gm)
+    layers = gm.meta[AUTO_PRECISION_META]["layers"]
+    assert set(layers) == {"linear", "linear_1"}  # the two calls of `tied` are not offered anything
+    assert layers["linear"]["gains"] == {} and set(layers["linear_1"]["gains"]) == {"mxfp8"}
+    assert layers["linear"]["recipe"] == "nvfp4"
