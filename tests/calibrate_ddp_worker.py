@@ -3,7 +3,8 @@
 Rank r calibrates on its share of the batches (rank 1 on none for the ``uneven`` run), for every
 calibrator, on the torch graph and on the ONNX model; it writes each observer's range (amax), its
 batch count and the pass's counts. ``merge_ranks=False`` runs are written too: each rank's own.
-Then a failing rank (a NaN), and GPTQ of the W4A16 test model on each rank's share of its data.
+Then a failing rank (a NaN), GPTQ of the W4A16 test model and auto-precision of the zoo
+transformer, each on the rank's share of its data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from qgraph.passes import GPTQ, Calibrate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_calibrate_ranks import DATA, GPTQ_DATA, _ranges, fx_observed, onnx_observed  # noqa: E402
+from test_auto_precision import CANDIDATES, _float  # noqa: E402
 from test_gptq import _ptq, _weights  # noqa: E402
+
+from qgraph.passes import AutoPrecision  # noqa: E402
+from qgraph.passes.auto_precision import AUTO_PRECISION_META  # noqa: E402
 
 
 def main(out_dir: Path) -> None:
@@ -47,6 +52,10 @@ def main(out_dir: Path) -> None:
     _, gm, _ = _ptq("W4A16", data=GPTQ_DATA)
     GPTQ(GPTQ_DATA[rank::2])(gm)
     torch.save(_weights(gm), out_dir / f"gptq{rank}.pt")
+    # auto-precision: each rank's share of the batches; trials calibrate and score across ranks
+    gm, data = _float()
+    AutoPrecision(CANDIDATES, data[rank::2], effective_bits=6.0, fallback=True)(gm)
+    out["auto-precision"] = gm.meta[AUTO_PRECISION_META]
     own = fx_observed("max")
     result = Calibrate(DATA[rank::2], merge_ranks=False)(own)
     out["own max fx"] = {"ranges": _ranges(own), "counts": dict(result.counts)}

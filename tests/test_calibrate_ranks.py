@@ -131,6 +131,27 @@ def test_gptq_on_shares_equals_one_process_on_all_the_data(ranks):
         torch.testing.assert_close(weights[0][key], w, rtol=0, atol=1e-6, msg=key)
 
 
+def test_auto_precision_on_shares_makes_one_plan_equal_to_one_process_on_all_the_data(ranks):
+    """Every rank gets the same plan, errors and gains, and they are those of one process given
+    all the batches (float64 error sums added in another order: equal to 1e-9 relative)."""
+    from test_auto_precision import CANDIDATES, _float
+
+    from qgraph.passes import AutoPrecision
+    from qgraph.passes.auto_precision import AUTO_PRECISION_META
+
+    assert ranks[0]["auto-precision"] == ranks[1]["auto-precision"]
+    gm, data = _float()
+    AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True)(gm)
+    single, merged = gm.meta[AUTO_PRECISION_META], ranks[0]["auto-precision"]
+    assert {n: layer["recipe"] for n, layer in merged["layers"].items()} == {
+        n: layer["recipe"] for n, layer in single["layers"].items()
+    }
+    assert merged["base_error"] == pytest.approx(single["base_error"], rel=1e-9)
+    assert merged["error"] == pytest.approx(single["error"], rel=1e-9)
+    for n, layer in single["layers"].items():
+        assert merged["layers"][n]["gains"]["fp8"] == pytest.approx(layer["gains"]["fp8"], rel=1e-6), n
+
+
 def test_merge_ranks_false_keeps_each_ranks_own(ranks):
     for r in (0, 1):
         assert ranks[r]["own max fx"]["ranges"] == _single(fx_observed, "max", DATA[r::2])
