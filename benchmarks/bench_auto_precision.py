@@ -13,9 +13,12 @@ teacher, CE); with ``--qad``, the uniform NVFP4 plan and the auto plans are then
 QAD exactly as in ``study_qad.py`` (400 steps of 16 × 128 bytes, AdamW lr 1e-4, warmup + cosine,
 KL only, compiled quantizer kernels). ``gap closed`` is of uniform NVFP4 PTQ's KL.
 
-Usage: ``.venv/bin/python benchmarks/bench_auto_precision.py [--qad] [--out
-benchmarks/results_auto_precision.json]`` (2 threads; the teacher is trained on first use, ~10
-minutes, then cached).
+``--model minilm``: all-MiniLM-L6-v2's real weights (``make bench``), PTQ only: uniform NVFP4,
+``auto-precision`` (mse of the normalised embedding) at 5.0, 5.5 and 6.0 bits and uniform FP8,
+scored by the embedding's cosine to FP32 on 64 held-out sentences, in torch and in onnxruntime.
+
+Usage: ``.venv/bin/python benchmarks/bench_auto_precision.py [--model tinylm|minilm] [--qad] [--out
+FILE]`` (2 threads; the tiny LM's teacher is trained on first use, ~10 minutes, then cached).
 """
 
 from __future__ import annotations
@@ -78,18 +81,74 @@ def _upgraded(gm: torch.fx.GraphModule) -> list[str]:
     return out
 
 
+def bench_minilm() -> list[dict]:
+    """all-MiniLM-L6-v2 (``make bench``): the plans scored by the embedding's cosine to FP32 on 64
+    held-out sentences, in torch and in onnxruntime on the lowered model (reference form)."""
+    from minilm import cosine, encode, load_minilm, sentences
+
+    from qgraph.parity import session
+
+    model, tokenizer = load_minilm()
+    texts = sentences(192, seed=0)
+    calib = [encode(tokenizer, texts[i : i + 16], 64) for i in range(0, 128, 16)]
+    ids, mask = encode(tokenizer, texts[128:], 64)
+    example = (ids[:2], mask[:2])
+    with torch.no_grad():
+        ref = model(ids, mask)
+    plans = {
+        "uniform NVFP4": lambda gm: Annotate(tensorrt.NVFP4, fallback=True)(gm),
+        "uniform FP8": lambda gm: Annotate(tensorrt.FP8, fallback=True)(gm),
+    }
+    for bits in BUDGETS:
+        plans[f"auto-precision, {bits:g} bits"] = lambda gm, b=bits: AutoPrecision(
+            [tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=b, fallback=True, progress=True)(gm)
+    rows, nvfp4 = [], None
+    for label, plan in plans.items():
+        gm = qgraph.capture(model, example)
+        t0 = time.perf_counter()
+        plan(gm)
+        plan_s = time.perf_counter() - t0
+        bits, upgraded = _mean_bits(gm), _upgraded(gm)
+        Sequential([InsertObservers("max"), Calibrate(calib), InsertQDQ()])(gm)
+        with torch.no_grad():
+            cos = cosine(gm(ids, mask), ref)
+        sess = session(tensorrt.lower(gm, example, form="reference"))
+        out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (ids, mask), strict=True)})[0]
+        ort = cosine(torch.from_numpy(out), ref)
+        nvfp4 = float(cos.mean()) if label == "uniform NVFP4" else nvfp4
+        rows.append({"model": "minilm", "plan": label, "arm": "PTQ", "bits": bits, "upgraded": upgraded,
+                     "plan_s": plan_s, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                     "ort_cos_mean": float(ort.mean()), "ort_cos_min": float(ort.min()),
+                     "gap_closed": (float(cos.mean()) - nvfp4) / (1 - nvfp4)})
+        print(f"minilm {label}: {bits:.3f} bits, cos {cos.mean():.4f} / {cos.min():.4f} (ORT {ort.mean():.4f}), "
+              f"{100 * rows[-1]['gap_closed']:.0f} % of NVFP4's gap, {plan_s:.0f} s; FP8: {upgraded}", flush=True)
+    print("\n| plan | bits per weight | layers in FP8 | cosine mean / min (torch) | (ORT) | gap closed | search |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['plan']} | {r['bits']:.2f} | {len(r['upgraded'])} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} "
+              f"| {r['ort_cos_mean']:.4f} / {r['ort_cos_min']:.4f} | {100 * r['gap_closed']:.0f} % | {r['plan_s']:.0f} s |")
+    return rows
+
+
 def main() -> None:
     import tinylm
     from study_qad import _finetune
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--qad", action="store_true", help="train the NVFP4 and auto plans with QAD")
-    parser.add_argument("--out", default=str(HERE / "results_auto_precision.json"))
+    parser.add_argument("--model", choices=("tinylm", "minilm"), default="tinylm")
+    parser.add_argument("--qad", action="store_true", help="train the NVFP4 and auto plans with QAD (tiny LM)")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    args.out = args.out or str(HERE / ("results_auto_precision.json" if args.model == "tinylm"
+                                       else "results_auto_precision_minilm.json"))
     torch.set_num_threads(2)
     torch.manual_seed(0)
     qops.use_compiled_kernels()
     start = time.perf_counter()
+    if args.model == "minilm":
+        rows = bench_minilm()
+        _write(args.out, rows, start)
+        return
 
     model = tinylm.teacher()
     calib = tinylm.calibration_batches(8, 32)
@@ -150,12 +209,16 @@ def main() -> None:
     print("\n| plan | bits per weight | arm | KL to teacher | val CE | of NVFP4 PTQ's KL closed |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['plan']} | {r['bits']:.2f} | {r['arm']} | {r['kl']:.4f} | {r['ce']:.4f} | {100 * r['kl_closed']:.0f} % |")
+    _write(args.out, rows, start)
+
+
+def _write(out: str, rows: list[dict], start: float) -> None:
     total = time.perf_counter() - start
     print(f"total {total:.0f} s")
-    Path(args.out).write_text(json.dumps(
+    Path(out).write_text(json.dumps(
         {"command": " ".join(sys.argv), "host": cpu_name(), "torch": torch.__version__,
          "python": platform.python_version(), "total_s": total, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
