@@ -181,17 +181,7 @@ class AutoPrecision(Pass):
         data = list(self.data)  # read once: every trial sees the same batches in the same order
         names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
         ranks = _dist.world(None, "auto-precision")
-        reference, error = [], None
-        try:
-            with torch.no_grad():
-                reference = [_first_output(graph(*batch_args(b, names))) for b in data]
-            self._check(reference)
-        except QGraphError as exc:
-            error = exc
-        if ranks > 1:  # every rank learns of a failure before the trials' collectives
-            _dist.agree(error, "auto-precision")
-        elif error is not None:
-            raise error
+        reference = self._reference(graph, data, names, ranks)
         sizes, bits = self._layers(graph)
         if not sizes:
             raise PreconditionError("the base recipe quantizes no weight here: auto-precision has nothing to choose")
@@ -221,14 +211,8 @@ class AutoPrecision(Pass):
         for name, c in trials:
             gains[name, c] = base_error - score({name: c})
             bar.update()
-        # greedy by gain per extra bit, each layer once: a wider candidate ranked below a layer's
-        # first choice is not considered for it again
-        chosen, budget = {}, (self.effective_bits - base_bits) * total + 1e-9 * total
         cost = {(n, c): (bits[c][n] - bits[0][n]) * sizes[n] for n, c in trials}
-        for name, c in sorted(trials, key=lambda t: gains[t] / cost[t], reverse=True):
-            if name not in chosen and gains[name, c] > 0 and cost[name, c] <= budget:
-                chosen[name] = c
-                budget -= cost[name, c]
+        chosen = _greedy(gains, cost, (self.effective_bits - base_bits) * total + 1e-9 * total)
         error = score(chosen) if chosen else base_error
         bar.update()
         bar.close()
@@ -258,6 +242,21 @@ class AutoPrecision(Pass):
             len(chosen), len(sizes), achieved, self.metric, base_error, error,
         )
         return PassResult(graph, result.modified, {**result.counts, "upgraded": len(chosen)})
+
+    def _reference(self, graph: torch.fx.GraphModule, data: list, names: list[str], ranks: int) -> list[torch.Tensor]:
+        """The float model's first output on every batch, checked for the metric."""
+        reference, error = [], None
+        try:
+            with torch.no_grad():
+                reference = [_first_output(graph(*batch_args(b, names))) for b in data]
+            self._check(reference)
+        except QGraphError as exc:
+            error = exc
+        if ranks > 1:  # every rank learns of a failure before the trials' collectives
+            _dist.agree(error, "auto-precision")
+        elif error is not None:
+            raise error
+        return reference
 
     def _check(self, reference: list[torch.Tensor]) -> None:
         """Refuse data the metric cannot score."""
@@ -337,6 +336,18 @@ class AutoPrecision(Pass):
             terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
             return torch.stack([terms.sum(), torch.tensor(ref.numel() / ref.shape[-1], dtype=torch.float64)])
         return torch.stack([(out - ref).square().sum(), ref.square().sum()])
+
+
+def _greedy(gains: dict[tuple[str, int], float], cost: dict[tuple[str, int], float], budget: float) -> dict[str, int]:
+    """{layer: candidate} by gain per extra bit while the budget lasts, each layer once (a wider
+    candidate ranked below a layer's first choice is not considered for it again), no upgrade
+    that does not lower the error."""
+    chosen = {}
+    for name, c in sorted(gains, key=lambda t: gains[t] / cost[t], reverse=True):
+        if name not in chosen and gains[name, c] > 0 and cost[name, c] <= budget:
+            chosen[name] = c
+            budget -= cost[name, c]
+    return chosen
 
 
 def _from_spec(
