@@ -18,8 +18,8 @@ what the pass reports (a plan that measures worse than the base keeps only its b
 Only layers the base recipe quantizes are considered, each offered the candidates that run it
 without fallback; layers that share a weight stay in the base recipe. The data is read once and
 kept (every trial sees the same batches). Under torchrun every rank must run the pass on its own
-share (at least one batch each): the trials calibrate across ranks as ``calibrate`` does and their errors are summed over
-the ranks, so every rank makes the same plan.
+share (at least one batch each): the trials calibrate across ranks as ``calibrate`` does and
+their errors are summed over the ranks, so every rank makes the same plan.
 
 The plan is an ``annotate`` with one override per upgraded layer, so the rest of the pipeline
 (observers, calibration, insert-qdq, QAT, the backends) runs on it unchanged.
