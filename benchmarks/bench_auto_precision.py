@@ -30,6 +30,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,34 +84,44 @@ def _upgraded(gm: torch.fx.GraphModule) -> list[str]:
     return out
 
 
-def bench_minilm() -> list[dict]:
-    """all-MiniLM-L6-v2 (``make bench``): the plans scored by the embedding's cosine to FP32 on 64
-    held-out sentences, in torch and in onnxruntime on the lowered model (reference form)."""
-    from minilm import cosine, encode, load_minilm, sentences
-
-    from qgraph.parity import session
-
-    model, tokenizer = load_minilm()
-    texts = sentences(192, seed=0)
-    calib = [encode(tokenizer, texts[i : i + 16], 64) for i in range(0, 128, 16)]
-    ids, mask = encode(tokenizer, texts[128:], 64)
-    example = (ids[:2], mask[:2])
-    with torch.no_grad():
-        ref = model(ids, mask)
+def _plans(calib: list, budgets: list[float], metric: str, extra: dict | None = None) -> dict:
+    """Label -> a function planning a fresh capture: uniform NVFP4, uniform FP8, ``extra``, then
+    auto-precision([NVFP4, FP8]) at each budget."""
     plans = {
         "uniform NVFP4": lambda gm: Annotate(tensorrt.NVFP4, fallback=True)(gm),
         "uniform FP8": lambda gm: Annotate(tensorrt.FP8, fallback=True)(gm),
+        **(extra or {}),
     }
-    for bits in BUDGETS:
+    for bits in budgets:
         plans[f"auto-precision, {bits:g} bits"] = lambda gm, b=bits: AutoPrecision(
-            [tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=b, fallback=True, progress=True)(gm)
+            [tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=b, fallback=True, metric=metric, progress=True)(gm)
+    return plans
+
+
+def _planned(
+    model: torch.nn.Module, example: tuple, plan: Callable[[torch.fx.GraphModule], object]
+) -> tuple[torch.fx.GraphModule, float, float, list[str]]:
+    """(a capture of ``model`` planned by ``plan``, seconds planning, bits per weight, FP8 layers)."""
+    gm = qgraph.capture(model, example)
+    t0 = time.perf_counter()
+    plan(gm)
+    plan_s = time.perf_counter() - t0
+    return gm, plan_s, _mean_bits(gm), _upgraded(gm)
+
+
+def bench_minilm() -> list[dict]:
+    """all-MiniLM-L6-v2 (``make bench``): the plans scored by the embedding's cosine to FP32 on 64
+    held-out sentences, in torch and in onnxruntime on the lowered model (reference form)."""
+    from minilm import calibration_and_heldout, cosine, load_minilm, ort_cosine
+
+    model, tokenizer = load_minilm()
+    calib, (ids, mask) = calibration_and_heldout(tokenizer)
+    example = (ids[:2], mask[:2])
+    with torch.no_grad():
+        ref = model(ids, mask)
     rows, nvfp4 = [], None
-    for label, plan in plans.items():
-        gm = qgraph.capture(model, example)
-        t0 = time.perf_counter()
-        plan(gm)
-        plan_s = time.perf_counter() - t0
-        bits, upgraded = _mean_bits(gm), _upgraded(gm)
+    for label, plan in _plans(calib, BUDGETS, "mse").items():
+        gm, plan_s, bits, upgraded = _planned(model, example, plan)
         Sequential([InsertObservers("max"), Calibrate(calib), InsertQDQ()])(gm)
         arms = [("PTQ", gm)]
         if label != "uniform FP8":  # the same plan with GPTQ-rounded weights (same calibration data)
@@ -120,9 +131,7 @@ def bench_minilm() -> list[dict]:
         for arm, graph in arms:
             with torch.no_grad():
                 cos = cosine(graph(ids, mask), ref)
-            sess = session(tensorrt.lower(graph, example, form="reference"))
-            out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (ids, mask), strict=True)})[0]
-            ort = cosine(torch.from_numpy(out), ref)
+            ort = ort_cosine(tensorrt.lower(graph, example, form="reference"), (ids, mask), ref)
             nvfp4 = float(cos.mean()) if (label, arm) == ("uniform NVFP4", "PTQ") else nvfp4
             rows.append({"model": "minilm", "plan": label, "arm": arm, "bits": bits, "upgraded": upgraded,
                          "plan_s": plan_s, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
@@ -169,25 +178,15 @@ def main() -> None:
            if any(path.split(".")[-1] in ("q", "k", "v") for path, _ in (n.meta.get("nn_module_stack") or {}).values())
            and n.op == "call_function" and "linear" in str(n.target)]
 
-    plans = {  # label -> a function annotating a fresh capture; returns seconds spent planning
-        "uniform NVFP4": lambda gm: Annotate(tensorrt.NVFP4, fallback=True)(gm),
-        "uniform FP8": lambda gm: Annotate(tensorrt.FP8, fallback=True)(gm),
-        "hand: q, k, v in FP8": lambda gm: Annotate(tensorrt.NVFP4, [(n, tensorrt.FP8) for n in qkv], fallback=True)(gm),
-    }
-    hand = qgraph.capture(model, example)
-    plans["hand: q, k, v in FP8"](hand)
-    budgets = [*BUDGETS, round(_mean_bits(hand), 3)]
-    for bits in budgets:
-        plans[f"auto-precision, {bits:g} bits"] = lambda gm, b=bits: AutoPrecision(
-            [tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=b, fallback=True, metric="kl", progress=True)(gm)
+    def hand_plan(gm: torch.fx.GraphModule) -> None:
+        Annotate(tensorrt.NVFP4, [(n, tensorrt.FP8) for n in qkv], fallback=True)(gm)
+
+    hand_bits = _planned(model, example, hand_plan)[2]
+    plans = _plans(calib, [*BUDGETS, round(hand_bits, 3)], "kl", {"hand: q, k, v in FP8": hand_plan})
 
     rows, starts, nvfp4_kl, bits_of = [], {}, None, {}
     for label, plan in plans.items():
-        gm = qgraph.capture(model, example)
-        t0 = time.perf_counter()
-        plan(gm)
-        plan_s = time.perf_counter() - t0
-        bits, upgraded = _mean_bits(gm), _upgraded(gm)
+        gm, plan_s, bits, upgraded = _planned(model, example, plan)
         Sequential([InsertObservers("max"), Calibrate(calib)])(gm)
         starts[label], bits_of[label] = copy.deepcopy(gm), bits
         InsertQDQ()(gm)

@@ -35,7 +35,6 @@ from _host import cpu_name  # noqa: E402
 import qgraph  # noqa: E402
 from qgraph import Sequential  # noqa: E402
 from qgraph.backends import tensorrt  # noqa: E402
-from qgraph.parity import session  # noqa: E402
 from qgraph.passes import GPTQ, Annotate, Calibrate, InsertObservers, InsertQDQ  # noqa: E402
 
 
@@ -52,12 +51,10 @@ def _timed_gptq(gm: torch.fx.GraphModule, calib: list) -> tuple[float, dict]:
 
 
 def bench_minilm(recipes: list[str]) -> list[dict]:
-    from minilm import cosine, encode, load_minilm, sentences
+    from minilm import calibration_and_heldout, cosine, load_minilm, ort_cosine
 
     model, tokenizer = load_minilm()
-    texts = sentences(192, seed=0)
-    calib = [encode(tokenizer, texts[i : i + 16], 64) for i in range(0, 128, 16)]
-    ids, mask = encode(tokenizer, texts[128:], 64)
+    calib, (ids, mask) = calibration_and_heldout(tokenizer)
     example = (ids[:2], mask[:2])
     with torch.no_grad():
         ref = model(ids, mask)
@@ -66,9 +63,7 @@ def bench_minilm(recipes: list[str]) -> list[dict]:
         with torch.no_grad():
             cos = cosine(gm(ids, mask), ref)
         form = "reference" if recipe == "nvfp4" else "deploy"
-        sess = session(tensorrt.lower(gm, example, form=form))
-        out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (ids, mask), strict=True)})[0]
-        ort = cosine(torch.from_numpy(out), ref)
+        ort = ort_cosine(tensorrt.lower(gm, example, form=form), (ids, mask), ref)
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                 "ort_cos_mean": float(ort.mean()), "ort_cos_min": float(ort.min()), "form": form}
 

@@ -232,6 +232,25 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=1)
 
 
+def calibration_and_heldout(
+    tokenizer: object, seq_len: int = 64
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    """The split the PTQ benchmarks share: of ``sentences(192, seed=0)``, the first 128 as 8
+    calibration batches of 16 and the last 64 as one held-out ``(input_ids, attention_mask)``."""
+    texts = sentences(192, seed=0)
+    calib = [encode(tokenizer, texts[i : i + 16], seq_len) for i in range(0, 128, 16)]
+    return calib, encode(tokenizer, texts[128:], seq_len)
+
+
+def ort_cosine(onnx_bytes: bytes, inputs: tuple[torch.Tensor, ...], ref: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of a lowered model's first output in onnxruntime to ``ref``."""
+    from qgraph.parity import session
+
+    sess = session(onnx_bytes)
+    feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)}
+    return cosine(torch.from_numpy(sess.run(None, feed)[0]), ref)
+
+
 class _Timer:
     """Collects ``(step, seconds)`` and prints each step as it ends."""
 
