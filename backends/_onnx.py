@@ -30,6 +30,7 @@ import torch.fx
 
 from qgraph import formats
 from qgraph._errors import QGraphError
+from qgraph.graph import sharing_copy
 from qgraph.onnx_graph import add_initializer  # noqa: F401 - used here and by the backends
 
 __all__ = ["export_onnx", "serialize", "const_array", "const_or_dequantized", "decode_weights", "add_initializer"]
@@ -299,18 +300,6 @@ def _drop_metadata(model: ir.Model) -> None:
     model.graph.metadata_props.clear()
 
 
-def _sharing_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph and meta that shares its submodules,
-    parameters and buffers: edits to the graph or top-level attributes leave ``gm`` as it was,
-    and no tensor is copied (a deep copy would double a large model, its teacher included)."""
-    import copy
-
-    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    new.meta = dict(gm.meta)  # top-level keys only: what the lowering pops or replaces
-    new.training = gm.training
-    return new
-
-
 def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The student alone if QAD taps are in the graph (teachers are not deployed): a graph
     without the teacher over ``gm``'s own modules; ``gm`` itself if it has no taps."""
@@ -318,7 +307,7 @@ def _without_distill_taps(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     if DISTILL_META not in gm.meta:
         return gm
-    student = _sharing_copy(gm)
+    student = sharing_copy(gm)
     RemoveDistillTaps()(student)  # edits the copy's graph and drops its teacher attribute
     return student
 
@@ -339,7 +328,7 @@ def _learned_scales_frozen(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not names:
         return gm
     # qgraph's quantizers are top-level attributes; one inside a shared parent forces a deep copy
-    gm = _sharing_copy(gm) if all("." not in name for name in names) else copy.deepcopy(gm)
+    gm = sharing_copy(gm) if all("." not in name for name in names) else copy.deepcopy(gm)
     for name in names:  # a learned scale is neither tracked nor observed: nothing else to keep
         frozen = copy.deepcopy(gm.get_submodule(name))
         frozen.configure_training(learn_scale=False)
@@ -352,14 +341,14 @@ def decode_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     The values are exactly what the deploy form's DequantizeLinear computes (codes times scale
     in float32), so the reference form runs the deployed weights on any runtime. ``gm`` is left
-    as it was; the result shares its other modules and tensors (see :func:`_sharing_copy`).
+    as it was; the result shares its other modules and tensors (see :func:`qgraph.graph.sharing_copy`).
     """
     import copy
 
     from qgraph.graph import constant_value, unique_attr_name
     from qgraph.quant import FakeQuant
 
-    gm = _sharing_copy(gm)
+    gm = sharing_copy(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FakeQuant):
             continue

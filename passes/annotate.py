@@ -21,8 +21,9 @@ Specs go to ``node.meta["qgraph.quant"]`` ({input index: QSpec}); reasons to
 Recipes beyond INT8 add two things:
 
   * per-layer overrides: ``(pattern, rules)`` pairs, first match wins; a pattern is an fnmatch
-    over the node name or its module path (``fc``, ``blocks.0.*``), or ``@first`` / ``@last``
-    (the first / last weighted op); ``rules=None`` keeps the op in float;
+    over the node name or its module path (``fc``, ``blocks.0.*``), ``@node:NAME`` (the op whose
+    node name is exactly NAME, never a module path), or ``@first`` / ``@last`` (the first / last
+    weighted op); ``rules=None`` keeps the op in float;
   * unsupported op/format pairs (NVFP4 on a Conv, a dynamic block quantizer on a 4-D input or on
     a reduction axis that is not a multiple of the block): an error naming the node, unless a
     ``fallback`` is given (the rule set to use instead, or ``"float"``); ops that fell back carry
@@ -45,6 +46,8 @@ from qgraph.rules import BackendRules
 from qgraph.views import QUANTIZER, view_of
 
 __all__ = ["Annotate"]
+
+_EXACT = "@node:"  # an override pattern's prefix: the exact node name that follows
 
 
 class Annotate(Pass):
@@ -118,6 +121,8 @@ class Annotate(Pass):
         for pattern, rules in self.overrides:
             if pattern in self._ends:
                 hit = node in self._ends[pattern]
+            elif pattern.startswith(_EXACT):
+                hit = self._v.name(node) == pattern[len(_EXACT):]
             else:
                 hit = any(fnmatch.fnmatchcase(n, pattern) for n in names)
             if hit:

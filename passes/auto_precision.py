@@ -25,10 +25,11 @@ The plan is an ``annotate`` with one override per upgraded layer, so the rest of
 (observers, calibration, insert-qdq, QAT, the backends) runs on it unchanged.
 
 Cost: one calibration and one scoring of the data per layer and wider candidate, plus two, each
-on a copy of the graph (weights included: the model is held twice while the pass runs), and the
-float model's first output on every batch is kept. It suits models up to a few hundred layers;
+on a graph that shares the model's weights (no tensor of the model is copied), and the float
+model's first output on every batch is kept. It suits models up to a few hundred layers;
 ModelOpt's ``auto_quantize`` estimates the same gains from gradients instead, which is cheaper
-and rougher.
+and rougher. A sweep over budgets measures the layers once: pass an earlier plan's record as
+``survey`` and only the base and the new plan are scored.
 
 Errors: ``mse`` (default) is the squared error of the first output over its square (summed over
 the data); ``kl`` is KL(float ‖ quantized) of the softmax over the first output's last axis, the
@@ -37,7 +38,6 @@ metric for logits.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from qgraph import _dist
 from qgraph._errors import PreconditionError, QGraphError, first_line
 from qgraph._pass import Pass, PassResult
-from qgraph.graph import constant_value
+from qgraph.graph import constant_value, sharing_copy
 from qgraph.passes._util import QUANT_META, batch_args
 from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
@@ -60,7 +60,6 @@ from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
 from qgraph.quant import FALLBACK_META, QSpec
 from qgraph.rules import BackendRules
-from qgraph.views import module_path
 
 __all__ = ["AUTO_PRECISION_META", "AutoPrecision", "weight_bits"]
 
@@ -94,11 +93,17 @@ class AutoPrecision(Pass):
         metric: ``mse`` or ``kl`` (see the module docstring).
         calibrator: the trials' calibrator (``insert-observers``).
         progress: show a progress bar over the trials.
+        survey: the record (``gm.meta[AUTO_PRECISION_META]``) of this pass on another capture of
+            the same model, with the same candidates, fallback, metric, calibrator and data (the
+            budget may differ): its per-layer gains are reused instead of measured again. The
+            base is still scored, and must measure as in the record.
 
     Example::
 
         AutoPrecision([tensorrt.NVFP4, tensorrt.FP8], data, effective_bits=5.0, fallback=True)(gm)
         Sequential([InsertObservers(), Calibrate(data), InsertQDQ()])(gm)
+        # a wider budget on a fresh capture, without measuring every layer again
+        AutoPrecision([...], data, effective_bits=6.0, fallback=True, survey=gm.meta[AUTO_PRECISION_META])(gm2)
     """
 
     name = "auto-precision"
@@ -113,6 +118,7 @@ class AutoPrecision(Pass):
         metric: Literal["mse", "kl"] = "mse",
         calibrator: str = "max",
         progress: bool = False,
+        survey: Mapping | None = None,
         *,
         upgrade: str = "",
         rules: BackendRules | None = None,
@@ -147,6 +153,9 @@ class AutoPrecision(Pass):
         InsertObservers(calibrator)  # a calibrator it does not know fails here, not after the reference pass
         self.calibrator = calibrator
         self.progress = progress
+        if survey is not None and not (isinstance(survey, Mapping) and {"config", "base_error", "layers"} <= survey.keys()):
+            raise PreconditionError("auto-precision: survey must be a plan's record, gm.meta[AUTO_PRECISION_META]")
+        self.survey = survey
         self.upgrade = upgrade
 
     def options(self) -> dict[str, object]:
@@ -165,10 +174,13 @@ class AutoPrecision(Pass):
         if any(QUANT_META in n.meta for n in graph.graph.nodes):
             raise PreconditionError("auto-precision plans a float graph: run it instead of `annotate`, not after it")
 
-    def _config(self) -> dict[str, object]:
+    def _config(self, budget: bool = True) -> dict[str, object]:
         fallback = self.fallback.precision if isinstance(self.fallback, BackendRules) else self.fallback
-        return {"candidates": [f"{c.backend} {c.precision}" for c in self.candidates], "budget": self.effective_bits,
-                "metric": self.metric, "calibrator": self.calibrator, "fallback": fallback}
+        config = {"candidates": [f"{c.backend} {c.precision}" for c in self.candidates], "budget": self.effective_bits,
+                  "metric": self.metric, "calibrator": self.calibrator, "fallback": fallback}
+        if not budget:
+            del config["budget"]
+        return config
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         planned = graph.meta.get(AUTO_PRECISION_META)
@@ -185,12 +197,6 @@ class AutoPrecision(Pass):
         sizes, bits = self._layers(graph)
         if not sizes:
             raise PreconditionError("the base recipe quantizes no weight here: auto-precision has nothing to choose")
-        ops = [n for n in graph.graph.nodes if n.op == "call_function"]
-        clash = next(((module_path(o), o.name) for o in ops if module_path(o) in sizes and module_path(o) != o.name), None)
-        if clash is not None:  # an override by node name would also match that module's ops
-            raise PreconditionError(
-                f"layer {clash[0]!r} is named like the module of node {clash[1]!r}: an override would match both"
-            )
         total = sum(sizes.values())
         base_bits = sum(bits[0][n] * sizes[n] for n in sizes) / total
         if self.effective_bits < base_bits - 1e-9:
@@ -204,13 +210,19 @@ class AutoPrecision(Pass):
         def score(chosen: dict[str, int]) -> float:
             return self._score(graph, chosen, data, reference, names, ranks)
 
-        bar = tqdm(total=len(trials) + 2, desc="auto-precision", unit="trial", disable=not self.progress)
+        surveyed = self._surveyed(sizes, trials)
+        bar = tqdm(total=2 + (0 if surveyed else len(trials)), desc="auto-precision", unit="trial",
+                   disable=not self.progress)
         base_error = score({})
         bar.update()
-        gains = {}
-        for name, c in trials:
-            gains[name, c] = base_error - score({name: c})
-            bar.update()
+        if surveyed:
+            self._check_base(base_error)
+            gains = surveyed
+        else:
+            gains = {}
+            for name, c in trials:
+                gains[name, c] = base_error - score({name: c})
+                bar.update()
         cost = {(n, c): (bits[c][n] - bits[0][n]) * sizes[n] for n, c in trials}
         chosen = _greedy(gains, cost, (self.effective_bits - base_bits) * total + 1e-9 * total)
         error = score(chosen) if chosen else base_error
@@ -242,6 +254,31 @@ class AutoPrecision(Pass):
             len(chosen), len(sizes), achieved, self.metric, base_error, error,
         )
         return PassResult(graph, result.modified, {**result.counts, "upgraded": len(chosen)})
+
+    def _surveyed(self, sizes: dict[str, int], trials: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+        """The gains of ``survey`` for these trials ({} without one), checked against this pass
+        and graph."""
+        if self.survey is None:
+            return {}
+        config = {k: v for k, v in self.survey["config"].items() if k != "budget"}
+        if config != self._config(budget=False):
+            raise PreconditionError(f"auto-precision: the survey was measured with {config}, not {self._config(budget=False)}")
+        layers = self.survey["layers"]
+        if {n: layer["weights"] for n, layer in layers.items()} != sizes:
+            raise PreconditionError("auto-precision: the survey's layers are not this graph's: survey a capture of this model")
+        try:
+            return {(n, c): float(layers[n]["gains"][self.candidates[c].precision]) for n, c in trials}
+        except KeyError as exc:
+            raise PreconditionError(f"auto-precision: the survey has no gain for {exc}: survey a capture of this model") from None
+
+    def _check_base(self, base_error: float) -> None:
+        """The base must measure as in the survey: the same model, data and calibration."""
+        recorded = float(self.survey["base_error"])
+        if abs(base_error - recorded) > 1e-6 * max(abs(recorded), 1e-30):
+            raise PreconditionError(
+                f"auto-precision: the base measures {base_error:.6g} here and {recorded:.6g} in the survey: "
+                "the survey was taken on other data or another model"
+            )
 
     def _reference(self, graph: torch.fx.GraphModule, data: list, names: list[str], ranks: int) -> list[torch.Tensor]:
         """The float model's first output on every batch, checked for the metric."""
@@ -298,9 +335,7 @@ class AutoPrecision(Pass):
         return {n: size for n, size in sizes.items() if n not in shared}, bits
 
     def _overrides(self, chosen: dict[str, int]) -> list[tuple[str, BackendRules]]:
-        # node names are identifiers: no fnmatch wildcards in them (clashes with module paths
-        # are refused in call)
-        return [(name, self.candidates[c]) for name, c in chosen.items()]
+        return [(f"@node:{name}", self.candidates[c]) for name, c in chosen.items()]
 
     def _score(
         self, graph: torch.fx.GraphModule, chosen: dict[str, int], data: list, reference: list, names: list[str],
@@ -368,7 +403,7 @@ def _from_spec(
 def _annotated(
     graph: torch.fx.GraphModule, rules: BackendRules, overrides: list, fallback: object
 ) -> torch.fx.GraphModule:
-    gm = copy.deepcopy(graph)
+    gm = sharing_copy(graph)  # the passes after annotate add top-level quantizers, never write a weight
     Annotate(rules, overrides, fallback)(gm)
     return gm
 

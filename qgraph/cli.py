@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATTERN=PRECISION",
-        help="per-layer precision: node name or module path (fnmatch), @first or @last; "
+        help="per-layer precision: node name or module path (fnmatch), @node:NAME (that node only), @first or @last; "
         "PRECISION may be float (repeatable, first match wins)",
     )
     lower.add_argument(

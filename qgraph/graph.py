@@ -7,6 +7,8 @@ data can later be applied to graphs that come from an ONNX file.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx
 
@@ -19,6 +21,7 @@ __all__ = [
     "constant_value",
     "unique_attr_name",
     "node_label",
+    "sharing_copy",
 ]
 
 _aten = torch.ops.aten
@@ -122,6 +125,18 @@ def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor | torch.nn.Mo
         owner.register_parameter(last, value)
     else:
         owner.register_buffer(last, value)
+
+
+def sharing_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph and meta that shares its submodules,
+    parameters and buffers: edits to the graph or top-level attributes (what qgraph's passes
+    add, replace or delete) leave ``gm`` as it was, and no tensor is copied (a deep copy would
+    double a large model). A pass that writes into a shared tensor or module writes into
+    ``gm``'s."""
+    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    new.meta = dict(gm.meta)  # top-level keys only
+    new.training = gm.training
+    return new
 
 
 def unique_attr_name(gm: torch.nn.Module, base: str) -> str:

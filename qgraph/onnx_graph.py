@@ -303,6 +303,9 @@ class OnnxView(GraphView):
             path = parts[-2] if len(parts) >= 2 else ""
         return tuple(n for n in (op.name, path) if n)
 
+    def name(self, op: ir.Node) -> str:
+        return op.name or ""
+
     def describe(self, op: ir.Node) -> str:
         return f"{op.domain}::{op.op_type}" if op.domain not in ("", "ai.onnx") else op.op_type
 

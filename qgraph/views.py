@@ -54,6 +54,10 @@ class GraphView:
         """The names an override pattern is matched against (node name, module path)."""
         raise NotImplementedError
 
+    def name(self, op: object) -> str:
+        """The op's own node name ('' if it has none)."""
+        raise NotImplementedError
+
     def describe(self, op: object) -> str:
         """What the op is, for "not an op qgraph knows" (its target or domain::op_type)."""
         raise NotImplementedError
@@ -134,6 +138,9 @@ class FxView(GraphView):
 
     def names(self, op: torch.fx.Node) -> tuple[str, ...]:
         return tuple(n for n in (op.name, module_path(op)) if n)
+
+    def name(self, op: torch.fx.Node) -> str:
+        return op.name
 
     def describe(self, op: torch.fx.Node) -> str:
         return str(getattr(op.target, "__name__", op.target))

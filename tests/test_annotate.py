@@ -260,6 +260,7 @@ def test_fallback_runs_unsupported_ops_in_the_fallback_recipe():
 
 
 def test_overrides_first_last_and_patterns():
+    from qgraph import PreconditionError
     from qgraph.backends.tensorrt import FP8, INT8
 
     gm = _zoo("mlp")
@@ -270,6 +271,12 @@ def test_overrides_first_last_and_patterns():
     assert linears[2].meta[QUANT][1].dtype == "int8"
     Annotate(FP8, overrides=[("net.2", None)])(gm)  # module path, fnmatch
     assert QUANT not in linears[1].meta and QUANT in linears[0].meta
+    Annotate(FP8, overrides=[("@node:linear_1", INT8)])(gm)  # that node's name, exactly
+    assert [n.meta[QUANT][1].dtype for n in linears] == ["fp8_e4m3", "int8", "fp8_e4m3"]
+    with pytest.raises(PreconditionError, match=r"override pattern\(s\) '@node:linear_\*' match no op"):
+        Annotate(FP8, overrides=[("@node:linear_*", None)])(gm)  # no wildcards: an exact name
+    with pytest.raises(PreconditionError, match="'@node:net.2' match no op"):
+        Annotate(FP8, overrides=[("@node:net.2", None)])(gm)  # never a module path
 
 
 def test_block_size_that_does_not_divide_is_refused_or_falls_back():

@@ -168,8 +168,9 @@ def test_weight_bits_of_the_recipes():
     assert weight_bits(None) == 32.0
 
 
-def test_negative_a_layer_named_like_another_modules_path():
-    """An override by node name also matches ops whose module path is that name: refused."""
+def test_a_layer_named_like_another_modules_path_is_upgraded_alone():
+    """The plan's overrides name nodes exactly (``@node:``): a layer whose node name is another
+    module's path is upgraded without touching that module's ops."""
 
     class Act(torch.nn.Module):
         def forward(self, x):
@@ -184,10 +185,58 @@ def test_negative_a_layer_named_like_another_modules_path():
             return self.last(self.linear(self.first(x)))
 
     gm = qgraph.capture(Clash().eval(), (torch.randn(4, 32),))
-    names = {n.name for n in gm.graph.nodes}
-    assert "linear" in names  # the first module's op, while module `linear` holds the GELU
-    with pytest.raises(QGraphError, match="layer 'linear' is named like the module of node 'gelu'"):
-        AutoPrecision(CANDIDATES, [torch.randn(4, 32)], effective_bits=6.0, fallback=True)(gm)
+    assert "linear" in {n.name for n in gm.graph.nodes}  # the first module's op, while module `linear` holds the GELU
+    data = [torch.randn(4, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    bits = (4.5 * 1024 + 8.0 * 1024) / 2048  # room for exactly one of the two layers
+    AutoPrecision(CANDIDATES, data, effective_bits=bits, fallback=True)(gm)
+    meta = gm.meta[AUTO_PRECISION_META]
+    upgraded = [n for n, layer in meta["layers"].items() if layer["recipe"] == "fp8"]
+    assert len(upgraded) == 1
+    assert {n for n, s in _weight_specs(gm).items() if s.dtype == "fp8_e4m3"} == set(upgraded)
+    gelu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.gelu.default)
+    assert not gelu.meta.get(QUANT_META)  # as in uniform NVFP4: not an op the FP8 override reached
+
+
+def test_a_budget_sweep_reuses_the_survey_and_plans_as_a_fresh_search():
+    gm, data = _float()
+    AutoPrecision(CANDIDATES, data, effective_bits=5.0, fallback=True)(gm)
+    survey = gm.meta[AUTO_PRECISION_META]
+    fresh, _ = _float()
+    AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True)(fresh)
+    swept, _ = _float()
+    scored = []
+    measure = AutoPrecision._score
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoPrecision, "_score", lambda self, *a: scored.append(a[1]) or measure(self, *a))
+        AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True, survey=survey)(swept)
+    assert len(scored) == 2  # the base and the plan, no single-layer trial
+    got, want = swept.meta[AUTO_PRECISION_META], fresh.meta[AUTO_PRECISION_META]
+    assert got["layers"] == want["layers"] and got["error"] == pytest.approx(want["error"], rel=1e-9)
+    assert _weight_specs(swept) == _weight_specs(fresh)
+    other = [torch.randn_like(x) for x in data]
+    with pytest.raises(PreconditionError, match="survey was taken on other data or another model"):
+        AutoPrecision(CANDIDATES, other, effective_bits=6.0, fallback=True, survey=survey)(_float()[0])
+    with pytest.raises(PreconditionError, match="the survey was measured with .*'metric': 'mse'"):
+        AutoPrecision(CANDIDATES, data, effective_bits=6.0, metric="kl", fallback=True, survey=survey)(_float()[0])
+    with pytest.raises(PreconditionError, match="the survey's layers are not this graph's"):
+        AutoPrecision(CANDIDATES, _float("mlp")[1], effective_bits=6.0, fallback=True, survey=survey)(_float("mlp")[0])
+    with pytest.raises(PreconditionError, match="survey must be a plan's record"):
+        AutoPrecision(CANDIDATES, data, effective_bits=6.0, survey={"layers": {}})
+
+
+def test_trials_copy_no_weight(monkeypatch):
+    """Each trial quantizes a graph over the model's own modules and tensors: no deep copy."""
+    gm, data = _float()
+
+    def no_deep_copy(*_):
+        raise AssertionError("auto-precision deep-copied a GraphModule")
+
+    monkeypatch.setattr(torch.fx.GraphModule, "__deepcopy__", no_deep_copy)
+    weights = {k: v.clone() for k, v in gm.state_dict().items()}
+    AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True)(gm)
+    assert gm.meta[AUTO_PRECISION_META]["layers"]
+    assert gm.state_dict().keys() == weights.keys()  # no trial's quantizer left on the model
+    assert all(torch.equal(v, weights[k]) for k, v in gm.state_dict().items())
 
 
 def test_negative_layers_a_candidate_cannot_run_or_that_share_a_weight_are_not_offered_it():

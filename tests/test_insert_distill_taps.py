@@ -113,7 +113,7 @@ def test_lowering_leaves_the_training_student_as_it_was_and_copies_no_weight(mon
     """Lowering drops the teacher and freezes learned scales on a graph over the student's own
     modules (a deep copy would double a large student and its teacher): the trained graph keeps
     its teacher, learned scales, per-module train/eval modes and values."""
-    from qgraph.backends._onnx import _sharing_copy
+    from qgraph.graph import sharing_copy
 
     student, teacher, data = _student_and_teacher()
     InsertFakeQuant(learn_scales=True)(student)
@@ -134,7 +134,7 @@ def test_lowering_leaves_the_training_student_as_it_was_and_copies_no_weight(mon
     assert {n: m.training for n, m in student.named_modules()} == modes  # the teacher stays in eval
     assert all(isinstance(student.get_submodule(n).scale, torch.nn.Parameter) for n in learned)
     assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
-    shared = _sharing_copy(student)
+    shared = sharing_copy(student)
     assert all(a is b for a, b in zip(shared.parameters(), student.parameters(), strict=True))
     shared.graph.erase_node(next(n for n in shared.graph.nodes if n.op == "output"))
     assert str(student.graph) == graph

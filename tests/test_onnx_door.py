@@ -273,6 +273,9 @@ def test_unnamed_nodes_are_named_by_op_type_for_overrides(tmp_path):
     assert [n.name for n in m.graph] == ["MatMul", "MatMul_1"]
     result = Annotate(tensorrt.INT8, overrides=[("MatMul_1", None)])(m)
     assert result.counts == {"quantized": 1, "float": 1}, result.counts
+    result = Annotate(tensorrt.INT8, overrides=[("@node:MatMul", None)])(m)  # that node only
+    assert result.counts == {"quantized": 1, "float": 1}, result.counts
+    assert [bool(n.meta.get("qgraph.quant")) for n in m.graph] == [False, True]
 
 
 @pytest.mark.parametrize("axes", [("N", "M"), (None, None)])
