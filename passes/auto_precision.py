@@ -289,6 +289,8 @@ class AutoPrecision(Pass):
             self._check(reference)
         except QGraphError as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - the user's model or data: one line naming it
+            error = QGraphError(f"the float model failed on the data: {first_line(exc)}")
         if ranks > 1:  # every rank learns of a failure before the trials' collectives
             _dist.agree(error, "auto-precision")
         elif error is not None:

@@ -125,6 +125,8 @@ def test_negative_no_room_no_upgrade_and_bad_input():
     linear = qgraph.capture(torch.nn.Linear(32, 32, bias=False).eval(), (torch.randn(4, 32),))
     with pytest.raises(QGraphError, match="zero on every batch: mse has no scale"):
         AutoPrecision(CANDIDATES, [torch.zeros(4, 32)], effective_bits=6.0, fallback=True)(linear)
+    with pytest.raises(QGraphError, match="the float model failed on the data: .*shapes cannot be multiplied"):
+        AutoPrecision(CANDIDATES, [torch.randn(4, 16)], effective_bits=6.0, fallback=True)(linear)
     with pytest.raises(QGraphError, match="metric 'kl' needs logits"):
         AutoPrecision(CANDIDATES, [torch.zeros(4, 1)], effective_bits=6.0, metric="kl")(
             qgraph.capture(torch.nn.Linear(1, 1).eval(), (torch.randn(4, 1),)))
