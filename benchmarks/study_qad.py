@@ -28,7 +28,9 @@ quantizer applied to a random half of its values in training, a flatness regular
 activations); LSQ-learned weight scales instead of tracked ones; the gradient passed through the
 activations' dynamic block scales as well (:class:`_ScaleGrad`); a penalty on the FP4 activations'
 relative rounding error added to the loss (:class:`_RoundPenalty`); QAD from GPTQ-rounded weights
-(the ``gptq`` pass) instead of round-to-nearest ones; QAD of a student whose weights or
+(the ``gptq`` pass) instead of round-to-nearest ones; ModelOpt's default NVFP4 layer set (the
+LM head and the attention matmuls left in float, in the PTQ start and the student); QAD of a
+student whose weights or
 whose activations alone are quantized — which part of the gap distillation recovers; and INT4
 weight-only (w4a16): plain, with 4× the tokens, 4× the steps, or with LSQ weight scales.
 ``--variant LABEL`` (repeatable) runs only the variants of that label (``QAD``: the plain NVFP4
@@ -253,6 +255,7 @@ class Variant(NamedTuple):
     scale_grad: bool = False  # the gradient also flows through the dynamic block scales
     round_penalty: float = 0.0  # weight of the FP4 activations' relative rounding error in the loss
     gptq: bool = False  # the student starts from GPTQ-rounded weights (the gptq pass) instead of RTN
+    float_kinds: tuple = ()  # layer kinds (:func:`_layer_kind`) left in float, PTQ start and student alike
 
 
 ABLATION = [
@@ -269,6 +272,7 @@ ABLATION = [
     Variant("nvfp4", "QAD, weights only quantized", removed="activation"),
     Variant("nvfp4", "QAD, activations only quantized", removed="weight"),
     Variant("nvfp4", "QAD from GPTQ weights", gptq=True),
+    Variant("nvfp4", "QAD, ModelOpt's NVFP4 layer set", float_kinds=("head", "attention matmuls (FP8)")),
     Variant("w4a16", "QAD"),
     Variant("w4a16", "QAD from GPTQ weights", gptq=True),
     Variant("w4a16", "QAD, 4x tokens (batch 64)", batch=64),
@@ -386,6 +390,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
         base = starts[v.recipe]
         ptq = copy.deepcopy(base)
         InsertQDQ()(ptq)
+        ptq = _in_float(ptq, v.float_kinds)
         before = tinylm.score(ptq if v.removed is None else _without_quantizers(ptq, v.removed), log_t)
         student = copy.deepcopy(base)
         start = {}
@@ -394,6 +399,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
             GPTQ(calib)(student)
             start = {f"gptq_{k}": x for k, x in tinylm.score(student, log_t).items()}
         InsertFakeQuant(learn_weight_scales=v.learn_weight_scales)(student)
+        student = _in_float(student, v.float_kinds)
         if v.removed is not None:
             student = _without_quantizers(student, v.removed)
         if v.qdrop:
@@ -415,7 +421,7 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
         closed = (before["kl"] - after["kl"]) / before["kl"]
         rows.append({"recipe": v.recipe, "variant": v.label, "steps": steps * v.times, "batch": v.batch, "lr": lr,
                      "qdrop": v.qdrop, "learn_weight_scales": v.learn_weight_scales, "scale_grad": v.scale_grad,
-                     "round_penalty": v.round_penalty, "gptq": v.gptq, **start,
+                     "round_penalty": v.round_penalty, "gptq": v.gptq, "float_kinds": list(v.float_kinds), **start,
                      "kl_before": before["kl"], "kl_after": after["kl"], "ce_before": before["ce"],
                      "ce_after": after["ce"], "kl_closed": closed, "train_s": time.perf_counter() - t0,
                      "loss_history": history})
@@ -423,6 +429,19 @@ def ablation(steps: int, lr: float, only: list[str] | None = None, recipes: list
               f"ce {before['ce']:.4f} -> {after['ce']:.4f}"
               + (f" (GPTQ start: KL {start['gptq_kl']:.4f}, ce {start['gptq_ce']:.4f})" if start else ""), flush=True)
     return rows
+
+
+def _in_float(gm: torch.fx.GraphModule, kinds: tuple) -> torch.fx.GraphModule:
+    """``gm`` with every quantizer read by a layer of one of ``kinds`` taken out (a copy; ``gm``
+    itself when ``kinds`` is empty)."""
+    if not kinds:
+        return gm
+    names = set()
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuant) and _layer_kind(next(iter(node.users)).name) in kinds:
+            names.add(node.name)
+    return _without_quantizers(_without_quantizers(gm, "weight", names), "activation", names)
 
 
 def _layer_kind(user: str) -> str:
