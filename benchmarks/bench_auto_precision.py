@@ -86,15 +86,22 @@ def _upgraded(gm: torch.fx.GraphModule) -> list[str]:
 
 def _plans(calib: list, budgets: list[float], metric: str, extra: dict | None = None) -> dict:
     """Label -> a function planning a fresh capture: uniform NVFP4, uniform FP8, ``extra``, then
-    auto-precision([NVFP4, FP8]) at each budget."""
+    auto-precision([NVFP4, FP8]) at each budget (the first budget's search measures the layers;
+    the others reuse its record as their ``survey``)."""
     plans = {
         "uniform NVFP4": lambda gm: Annotate(tensorrt.NVFP4, fallback=True)(gm),
         "uniform FP8": lambda gm: Annotate(tensorrt.FP8, fallback=True)(gm),
         **(extra or {}),
     }
+    survey = {}
+
+    def auto(gm: torch.fx.GraphModule, bits: float) -> None:
+        AutoPrecision([tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=bits, fallback=True, metric=metric,
+                      progress=True, survey=survey.get("record"))(gm)
+        survey.setdefault("record", gm.meta[AUTO_PRECISION_META])
+
     for bits in budgets:
-        plans[f"auto-precision, {bits:g} bits"] = lambda gm, b=bits: AutoPrecision(
-            [tensorrt.NVFP4, tensorrt.FP8], calib, effective_bits=b, fallback=True, metric=metric, progress=True)(gm)
+        plans[f"auto-precision, {bits:g} bits"] = lambda gm, b=bits: auto(gm, b)
     return plans
 
 
