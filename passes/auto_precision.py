@@ -24,9 +24,11 @@ their errors are summed over the ranks, so every rank makes the same plan.
 The plan is an ``annotate`` with one override per upgraded layer, so the rest of the pipeline
 (observers, calibration, insert-qdq, QAT, the backends) runs on it unchanged.
 
-Cost: one calibration and one scoring of the data per layer and wider candidate, plus two, each
-on a graph that shares the model's weights (no tensor of the model is copied), and the float
-model's first output on every batch is kept. It suits models up to a few hundred layers;
+Cost: one scoring of the data per layer and wider candidate, plus two, each on a graph that
+shares the model's weights (no tensor of the model is copied), and one calibration per
+candidate: observers see float tensors, so a trial takes the statistics of every edge it
+observes as an earlier calibration in the same spec left them (an edge seen in no earlier
+calibration is calibrated in the trial). The float model's first output on every batch is kept. It suits models up to a few hundred layers;
 ModelOpt's ``auto_quantize`` estimates the same gains from gradients instead, which is cheaper
 and rougher. A sweep over budgets measures the layers once: pass an earlier plan's record as
 ``survey`` and only the base and the new plan are scored.
@@ -58,6 +60,7 @@ from qgraph.passes.annotate import Annotate
 from qgraph.passes.calibrate import Calibrate
 from qgraph.passes.insert_observers import InsertObservers
 from qgraph.passes.insert_qdq import InsertQDQ
+from qgraph.observers import Observer
 from qgraph.quant import FALLBACK_META, QSpec
 from qgraph.rules import BackendRules
 
@@ -157,6 +160,7 @@ class AutoPrecision(Pass):
             raise PreconditionError("auto-precision: survey must be a plan's record, gm.meta[AUTO_PRECISION_META]")
         self.survey = survey
         self.upgrade = upgrade
+        self._observed: dict[tuple[str, QSpec], Observer] = {}  # within one call: see _calibrated
 
     def options(self) -> dict[str, object]:
         opts: dict[str, object] = {"effective_bits": self.effective_bits}
@@ -211,14 +215,18 @@ class AutoPrecision(Pass):
             return self._score(graph, chosen, data, reference, names, ranks)
 
         surveyed = self._surveyed(sizes, trials)
-        bar = tqdm(total=2 + (0 if surveyed else len(trials)), desc="auto-precision", unit="trial",
-                   disable=not self.progress)
+        bar = tqdm(total=2 + (0 if surveyed else len(trials) + len(self.candidates) - 1), desc="auto-precision",
+                   unit="trial", disable=not self.progress)
+        self._observed = {}
         base_error = score({})
         bar.update()
         if surveyed:
             self._check_base(base_error)
             gains = surveyed
         else:
+            for c in range(1, len(self.candidates)):  # every edge a candidate observes, calibrated once
+                self._calibrated(_annotated(graph, self.candidates[c], [], "float"), data)
+                bar.update()
             gains = {}
             for name, c in trials:
                 gains[name, c] = base_error - score({name: c})
@@ -228,6 +236,7 @@ class AutoPrecision(Pass):
         error = score(chosen) if chosen else base_error
         bar.update()
         bar.close()
+        self._observed = {}
         if error > base_error:  # the gains did not add up: keep the best single upgrade, measured
             best = max(chosen.items(), key=lambda item: gains[item])
             logger.warning("auto-precision: the plan measured %.4g, above the base's %.4g; keeping only %s",
@@ -345,9 +354,7 @@ class AutoPrecision(Pass):
     ) -> float:
         """The error of PTQ with the layers in ``chosen`` upgraded, over the data (of every rank:
         calibration merges across ranks as ``calibrate`` does, and so do the error sums)."""
-        gm = _annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback)
-        InsertObservers(self.calibrator)(gm)
-        Calibrate(data)(gm)
+        gm = self._calibrated(_annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback), data)
         InsertQDQ()(gm)
         sums, error = torch.zeros(2, dtype=torch.float64), None
         try:
@@ -363,6 +370,26 @@ class AutoPrecision(Pass):
             raise error
         num, den = sums.tolist()
         return num / den
+
+    def _calibrated(self, gm: torch.fx.GraphModule, data: list) -> torch.fx.GraphModule:
+        """``gm`` (annotated) with calibrated observers: each edge observed in the same spec by an
+        earlier calibration of this call takes its statistics (an observer passes float tensors
+        through unchanged, so they are the same whatever else is observed), the rest are
+        calibrated on ``data`` (under torchrun, merged across ranks) and kept for later trials."""
+        InsertObservers(self.calibrator)(gm)
+        observers = {}
+        for node in gm.graph.nodes:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, Observer):
+                observers[node.args[0].name, module.spec] = module
+        for key, observer in observers.items():
+            seen = self._observed.get(key)
+            if seen is not None:  # read only from here on: calibrate skips an observer that has batches
+                observer.hist, observer.batches = seen.hist, seen.batches
+        Calibrate(data)(gm)
+        for key, observer in observers.items():
+            self._observed.setdefault(key, observer)
+        return gm
 
     def _error(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """(error sum, normaliser) of one batch, float64."""

@@ -226,6 +226,26 @@ def test_a_budget_sweep_reuses_the_survey_and_plans_as_a_fresh_search():
         AutoPrecision(CANDIDATES, data, effective_bits=6.0, survey={"layers": {}})
 
 
+def test_each_edge_is_calibrated_once(monkeypatch):
+    """The base and one uniform calibration per wider candidate observe every edge a trial needs:
+    the trials themselves calibrate nothing (and still measure exactly PTQ: the numerics test)."""
+    from qgraph.passes.calibrate import Calibrate as CalibratePass
+
+    fresh, call = [], CalibratePass.call
+
+    def counted(self, graph):
+        result = call(self, graph)
+        fresh.append(result.counts["observers"])
+        return result
+
+    monkeypatch.setattr(CalibratePass, "call", counted)
+    gm, data = _float()
+    AutoPrecision(CANDIDATES, data, effective_bits=6.0, fallback=True)(gm)
+    trials = sum(len(layer["gains"]) for layer in gm.meta[AUTO_PRECISION_META]["layers"].values())
+    assert len(fresh) == 1 + 1 + trials + 1  # base, FP8's edges, one trial per layer, the plan
+    assert fresh[0] > 0 and fresh[1] > 0 and fresh[2:] == [0] * (trials + 1)
+
+
 def test_trials_copy_no_weight(monkeypatch):
     """Each trial quantizes a graph over the model's own modules and tensors: no deep copy."""
     gm, data = _float()
