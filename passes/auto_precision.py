@@ -160,7 +160,6 @@ class AutoPrecision(Pass):
             raise PreconditionError("auto-precision: survey must be a plan's record, gm.meta[AUTO_PRECISION_META]")
         self.survey = survey
         self.upgrade = upgrade
-        self._observed: dict[tuple[str, QSpec], Observer] = {}  # within one call: see _calibrated
 
     def options(self) -> dict[str, object]:
         opts: dict[str, object] = {"effective_bits": self.effective_bits}
@@ -178,13 +177,10 @@ class AutoPrecision(Pass):
         if any(QUANT_META in n.meta for n in graph.graph.nodes):
             raise PreconditionError("auto-precision plans a float graph: run it instead of `annotate`, not after it")
 
-    def _config(self, budget: bool = True) -> dict[str, object]:
+    def _config(self) -> dict[str, object]:
         fallback = self.fallback.precision if isinstance(self.fallback, BackendRules) else self.fallback
-        config = {"candidates": [f"{c.backend} {c.precision}" for c in self.candidates], "budget": self.effective_bits,
-                  "metric": self.metric, "calibrator": self.calibrator, "fallback": fallback}
-        if not budget:
-            del config["budget"]
-        return config
+        return {"candidates": [f"{c.backend} {c.precision}" for c in self.candidates], "budget": self.effective_bits,
+                "metric": self.metric, "calibrator": self.calibrator, "fallback": fallback}
 
     def call(self, graph: torch.fx.GraphModule) -> PassResult:
         planned = graph.meta.get(AUTO_PRECISION_META)
@@ -211,13 +207,14 @@ class AutoPrecision(Pass):
         if not trials:
             raise PreconditionError("no candidate runs any layer in more bits than the base recipe: nothing to upgrade")
 
+        observed: dict[tuple[str, QSpec], Observer] = {}  # calibrated edges, shared by the trials
+
         def score(chosen: dict[str, int]) -> float:
-            return self._score(graph, chosen, data, reference, names, ranks)
+            return self._score(graph, chosen, data, reference, names, ranks, observed)
 
         surveyed = self._surveyed(sizes, trials)
         bar = tqdm(total=2 + (0 if surveyed else len(trials) + len(self.candidates) - 1), desc="auto-precision",
                    unit="trial", disable=not self.progress)
-        self._observed = {}
         base_error = score({})
         bar.update()
         if surveyed:
@@ -225,7 +222,7 @@ class AutoPrecision(Pass):
             gains = surveyed
         else:
             for c in range(1, len(self.candidates)):  # every edge a candidate observes, calibrated once
-                self._calibrated(_annotated(graph, self.candidates[c], [], "float"), data)
+                self._calibrated(_annotated(graph, self.candidates[c], [], "float"), data, observed)
                 bar.update()
             gains = {}
             for name, c in trials:
@@ -236,7 +233,6 @@ class AutoPrecision(Pass):
         error = score(chosen) if chosen else base_error
         bar.update()
         bar.close()
-        self._observed = {}
         if error > base_error:  # the gains did not add up: keep the best single upgrade, measured
             best = max(chosen.items(), key=lambda item: gains[item])
             logger.warning("auto-precision: the plan measured %.4g, above the base's %.4g; keeping only %s",
@@ -269,9 +265,9 @@ class AutoPrecision(Pass):
         and graph."""
         if self.survey is None:
             return {}
-        config = {k: v for k, v in self.survey["config"].items() if k != "budget"}
-        if config != self._config(budget=False):
-            raise PreconditionError(f"auto-precision: the survey was measured with {config}, not {self._config(budget=False)}")
+        config, ours = ({k: v for k, v in c.items() if k != "budget"} for c in (self.survey["config"], self._config()))
+        if config != ours:
+            raise PreconditionError(f"auto-precision: the survey was measured with {config}, not {ours}")
         layers = self.survey["layers"]
         if {n: layer["weights"] for n, layer in layers.items()} != sizes:
             raise PreconditionError("auto-precision: the survey's layers are not this graph's: survey a capture of this model")
@@ -350,11 +346,11 @@ class AutoPrecision(Pass):
 
     def _score(
         self, graph: torch.fx.GraphModule, chosen: dict[str, int], data: list, reference: list, names: list[str],
-        ranks: int,
+        ranks: int, observed: dict,
     ) -> float:
         """The error of PTQ with the layers in ``chosen`` upgraded, over the data (of every rank:
         calibration merges across ranks as ``calibrate`` does, and so do the error sums)."""
-        gm = self._calibrated(_annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback), data)
+        gm = self._calibrated(_annotated(graph, self.candidates[0], self._overrides(chosen), self.fallback), data, observed)
         InsertQDQ()(gm)
         sums, error = torch.zeros(2, dtype=torch.float64), None
         try:
@@ -371,11 +367,11 @@ class AutoPrecision(Pass):
         num, den = sums.tolist()
         return num / den
 
-    def _calibrated(self, gm: torch.fx.GraphModule, data: list) -> torch.fx.GraphModule:
-        """``gm`` (annotated) with calibrated observers: each edge observed in the same spec by an
-        earlier calibration of this call takes its statistics (an observer passes float tensors
-        through unchanged, so they are the same whatever else is observed), the rest are
-        calibrated on ``data`` (under torchrun, merged across ranks) and kept for later trials."""
+    def _calibrated(self, gm: torch.fx.GraphModule, data: list, observed: dict) -> torch.fx.GraphModule:
+        """``gm`` (annotated) with calibrated observers: each edge in ``observed`` ((source node,
+        spec) -> an earlier trial's observer) takes its statistics (an observer passes float
+        tensors through unchanged, so they are the same whatever else is observed), the rest are
+        calibrated on ``data`` (under torchrun, merged across ranks) and added to ``observed``."""
         InsertObservers(self.calibrator)(gm)
         observers = {}
         for node in gm.graph.nodes:
@@ -383,12 +379,12 @@ class AutoPrecision(Pass):
             if isinstance(module, Observer):
                 observers[node.args[0].name, module.spec] = module
         for key, observer in observers.items():
-            seen = self._observed.get(key)
+            seen = observed.get(key)
             if seen is not None:  # read only from here on: calibrate skips an observer that has batches
                 observer.hist, observer.batches = seen.hist, seen.batches
         Calibrate(data)(gm)
         for key, observer in observers.items():
-            self._observed.setdefault(key, observer)
+            observed.setdefault(key, observer)
         return gm
 
     def _error(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
